@@ -1,0 +1,1 @@
+"""Built-in front-ends (installed as pyshm.frontends)."""

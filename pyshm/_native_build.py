@@ -1,0 +1,68 @@
+"""cffi (API mode) builder for pyshm._native, compiled from csrc/."""
+from __future__ import annotations
+
+import pathlib
+
+from cffi import FFI
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+
+CDEF = """
+typedef struct pyshm_heap pyshm_heap_t;
+typedef struct { uint64_t blob; uint64_t data; uint64_t length; uint64_t version; } pyshm_pin_info_t;
+typedef struct {
+    uint64_t size, arena_bytes, used_bytes, largest_free, n_names;
+    uint64_t n_active, n_obsolete, n_building, n_pinned, n_readers;
+    uint64_t reader_capacity, name_capacity, n_repairs;
+} pyshm_heap_stats_t;
+typedef struct { uint64_t readers; uint64_t blobs; } pyshm_reclaim_t;
+typedef struct {
+    uint64_t size; uint32_t kind; uint32_t layout_version;
+    int64_t creator_pid; uint64_t creator_start; int creator_alive;
+} pyshm_seg_info_t;
+
+#define PYSHM_ATTACH_OBSERVE 1
+#define PYSHM_KIND_HEAP 1
+#define PYSHM_LAYOUT_VERSION ...
+
+int pyshm_heap_create(const char *name, uint64_t size, uint64_t names, uint64_t readers, pyshm_heap_t **out);
+int pyshm_heap_attach(const char *name, int flags, pyshm_heap_t **out);
+void pyshm_heap_detach(pyshm_heap_t *h);
+int pyshm_heap_rebind(pyshm_heap_t *h);
+uintptr_t pyshm_heap_ro_base(pyshm_heap_t *h);
+uintptr_t pyshm_heap_rw_base(pyshm_heap_t *h);
+int64_t pyshm_heap_slot(pyshm_heap_t *h);
+int pyshm_heap_alloc(pyshm_heap_t *h, uint64_t length, pyshm_pin_info_t *out);
+int pyshm_heap_abandon(pyshm_heap_t *h, uint64_t blob);
+int pyshm_heap_publish(pyshm_heap_t *h, const char *name, size_t name_len, uint64_t blob, uint64_t *version);
+int pyshm_heap_pin(pyshm_heap_t *h, const char *name, size_t name_len, pyshm_pin_info_t *out);
+int pyshm_heap_unpin(pyshm_heap_t *h, int64_t slot, uint64_t blob);
+int pyshm_heap_delete(pyshm_heap_t *h, const char *name, size_t name_len);
+int pyshm_heap_name_at(pyshm_heap_t *h, uint64_t index, char *name, size_t cap, uint64_t *version, uint64_t *length);
+uint64_t pyshm_heap_name_capacity(pyshm_heap_t *h);
+int pyshm_heap_stats(pyshm_heap_t *h, pyshm_heap_stats_t *out);
+int pyshm_heap_reclaim(pyshm_heap_t *h, pyshm_reclaim_t *out);
+int pyshm_heap_check(pyshm_heap_t *h, char *msg, size_t cap);
+void pyshm_heap_set_fault(pyshm_heap_t *h, int point);
+void pyshm_heap_fault_now(pyshm_heap_t *h, int point);
+
+int pyshm_segment_unlink(const char *name);
+int pyshm_segment_probe(const char *name, pyshm_seg_info_t *info);
+int pyshm_proc_start_time(int64_t pid, uint64_t *out);
+int pyshm_proc_alive(int64_t pid, uint64_t start);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "pyshm._native",
+    '#include "heap.h"\n#include "segment.h"\n#include "proc.h"\n',
+    sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.c"))],
+    include_dirs=[str(CSRC.relative_to(ROOT))],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+    libraries=["rt", "pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
