@@ -414,8 +414,10 @@ int pyshm_heap_stats(pyshm_heap_t *h, pyshm_heap_stats_t *s) {
     s->reader_capacity = hdr->n_readers;
     s->name_capacity = hdr->dir_cap;
     s->n_repairs = hdr->n_repairs;
-    for (uint64_t i = 0; i < hdr->n_readers; i++)
-        s->n_readers += reader_slot(h, (int64_t)i)->pid != 0;
+    for (uint64_t i = 0; i < hdr->n_readers; i++) {
+        reader_t *r = reader_slot(h, (int64_t)i);
+        s->n_readers += r->pid && pyshm_proc_alive(r->pid, r->start);
+    }
     count_blobs(h, s);
     heap_unlock(h);
     return PYSHM_OK;

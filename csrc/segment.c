@@ -68,9 +68,12 @@ int pyshm_segment_create(pyshm_segment_t *seg, const char *name, uint64_t size, 
     return PYSHM_OK;
 }
 
-/* Waits up to ~1 s for a segment being created by another process. */
+/* Waits up to ~1 s for a segment being created by another process.  A
+ * header that is neither zero (just truncated) nor ours fails at once. */
 static int wait_ready(const pyshm_seg_header_t *h) {
     for (int i = 0; i < 1000; i++) {
+        uint64_t magic = __atomic_load_n(&h->magic, __ATOMIC_ACQUIRE);
+        if (magic && magic != PYSHM_SEG_MAGIC) return PYSHM_ERR_MAGIC;
         if (__atomic_load_n(&h->ready, __ATOMIC_ACQUIRE)) return PYSHM_OK;
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL);

@@ -1123,6 +1123,11 @@ cdef object decode_view(Snapshot s, uint64_t ref):
     return v
 
 
+cdef inline bint _same_record(Snapshot a, uint64_t a_off, Snapshot b, uint64_t b_off):
+    """Two views of one record are equal, as `x == x` is for a cyclic list."""
+    return a.base == b.base and a_off == b_off
+
+
 cdef bint _equal(a, b) except -1:
     if a is b:
         return True
@@ -1210,6 +1215,8 @@ cdef class MappedDict:
 
     def __eq__(self, other):
         cdef uint64_t i
+        if isinstance(other, MappedDict) and _same_record(self.s, self.off, (<MappedDict>other).s, (<MappedDict>other).off):
+            return True
         if not isinstance(other, _abc.Mapping):
             return NotImplemented
         _alive(self.s)
@@ -1343,6 +1350,8 @@ cdef class MappedList:
     def __eq__(self, other):
         cdef uint64_t i
         if isinstance(other, MappedList):
+            if _same_record(self.s, self.off, (<MappedList>other).s, (<MappedList>other).off):
+                return True
             if (<MappedList>other).is_tuple != self.is_tuple:
                 return False
         elif not isinstance(other, tuple if self.is_tuple else list):

@@ -90,6 +90,14 @@ class ReclaimReport:
     freed_versions: int
 
 
+def _table_bytes(names: int, readers: int) -> int:
+    """Roughly what csrc/heap.c's layout() reserves before the arena."""
+    cap = 16
+    while cap < names + names // 2:
+        cap *= 2
+    return 8192 + readers * (32 + 256 * 16) + cap * 128
+
+
 class _Native:
     """Owns one process's handle on a heap segment.  Snapshots keep it
     alive, so the segment stays mapped while any view may read it."""
@@ -137,6 +145,11 @@ class SharedHeap:
         a ceiling, not a cost: pages take memory only once written."""
         out = ffi.new("pyshm_heap_t **")
         rc = lib.pyshm_heap_create(name.encode(), parse_size(size), names, readers, out)
+        if rc == -13:
+            raise ValueError(
+                f"create heap {name!r}: {format_size(parse_size(size))} is too small for tables of "
+                f"{names} names and {readers} readers (~{format_size(_table_bytes(names, readers))}); "
+                f"pass a larger size or smaller names=/readers=")
         if rc:
             _raise(rc, f"create heap {name!r}")
         log.debug("created heap %s (%s)", name, format_size(parse_size(size)))
@@ -148,6 +161,9 @@ class SharedHeap:
         (stats and checks only: map() then fails)."""
         out = ffi.new("pyshm_heap_t **")
         rc = lib.pyshm_heap_attach(name.encode(), lib.PYSHM_ATTACH_OBSERVE if observe else 0, out)
+        if rc == -6:
+            raise SegmentNotFound(f"attach heap {name!r}: no segment /dev/shm/pyshm.{name}; "
+                                  f"create the heap first")
         if rc:
             _raise(rc, f"attach heap {name!r}")
         return cls(name, _Native(out[0]))
@@ -302,7 +318,7 @@ class SharedHeap:
     def _set_fault(self, point: str | None) -> None:
         """Tests only: SIGKILL this process at a named point of the next put."""
         self._fault = FAULTS[point] if point else 0
-        lib.pyshm_heap_set_fault(self._h(), 0 if point == "encode" else self._fault)
+        lib.pyshm_heap_set_fault(self._h(), self._fault)
 
     def __repr__(self) -> str:
         return f"<SharedHeap {self.name!r}{' closed' if self._native is None else ''}>"

@@ -1,0 +1,84 @@
+"""Fixtures: unique heap names unlinked after each test, and subprocesses
+stopped by pid when the test ends."""
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyshm import SegmentNotFound, SharedHeap
+from pyshm.heap import unlink
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "heap_worker.py"
+_names = itertools.count()
+
+
+def _prefix() -> str:
+    return f"test-{os.getpid()}-"
+
+
+@pytest.fixture
+def heap_name():
+    name = f"{_prefix()}{next(_names)}"
+    yield name
+    try:
+        unlink(name)
+    except SegmentNotFound:
+        pass
+
+
+@pytest.fixture
+def heap(heap_name):
+    h = SharedHeap.create(heap_name, size="64MiB")
+    yield h
+    h.close()
+
+
+class Procs:
+    """Starts tests/heap_worker.py subcommands; kills leftovers by pid."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, *args: str, **kw) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, str(WORKER), *args], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, **kw)
+        self.started.append(p)
+        return p
+
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        p = self.start(*args)
+        out, _ = p.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(p.args, p.returncode, out, None)
+
+    def stop_all(self) -> None:
+        for p in self.started:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            for f in (p.stdin, p.stdout):
+                if f:
+                    f.close()
+
+
+@pytest.fixture
+def procs():
+    ps = Procs()
+    yield ps
+    ps.stop_all()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_segments():
+    """Every segment a test created is gone when the suite ends."""
+    yield
+    left = [f for f in os.listdir("/dev/shm") if f.startswith("pyshm." + _prefix())]
+    for f in left:
+        unlink(f[len("pyshm."):])
+    assert not left, f"tests left shared-memory segments behind: {left}"
