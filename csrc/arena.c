@@ -112,13 +112,13 @@ int arena_alloc(pyshm_heap_t *h, uint64_t payload, uint64_t *out) {
     return PYSHM_OK;
 }
 
-int arena_free(pyshm_heap_t *h, uint64_t off) {
+int arena_free(pyshm_heap_t *h, uint64_t off, int give_back) {
     heap_hdr_t *hdr = h->hdr;
     block_t *b = arena_block(h, off);
     if (!b || !(b->size & BLOCK_USED)) return PYSHM_ERR_CORRUPT;
     uint64_t size = BLOCK_SIZE(b);
     hdr->used_bytes -= size;
-    arena_release_pages(h, off, size);
+    if (give_back) arena_release_pages(h, off, size);
     /* Swallow a free successor while still marked used: one store. */
     block_t *n = off + size < hdr->arena_end ? arena_block(h, off + size) : NULL;
     if (n && !(n->size & BLOCK_USED)) {
@@ -176,6 +176,16 @@ int arena_rebuild(pyshm_heap_t *h) {
     }
     if (free_size) list_push(h, free_off, free_size);
     return PYSHM_OK;
+}
+
+/* Gives the pages of every large free block back to the OS. */
+void arena_trim(pyshm_heap_t *h) {
+    for (int bin = 0; bin < PYSHM_NBINS; bin++)
+        for (uint64_t off = h->hdr->bins[bin]; off; off = links(h, off)->next) {
+            block_t *b = arena_block(h, off);
+            if (!b) return;
+            arena_release_pages(h, off, BLOCK_SIZE(b));
+        }
 }
 
 uint64_t arena_largest_free(pyshm_heap_t *h) {

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 void heap_fault(pyshm_heap_t *h, int p) {
@@ -29,12 +30,12 @@ blob_t *heap_blob(pyshm_heap_t *h, uint64_t off) {
     return blob;
 }
 
-/* Frees a blob's block. */
-int heap_blob_drop(pyshm_heap_t *h, uint64_t off) {
+/* Frees a blob's block; give_back returns its pages to the OS. */
+int heap_blob_drop(pyshm_heap_t *h, uint64_t off, int give_back) {
     blob_t *b = heap_blob(h, off);
     if (!b) return PYSHM_ERR_CORRUPT;
     b->magic = 0;
-    return arena_free(h, off);
+    return arena_free(h, off, give_back);
 }
 
 /* ---- repair ------------------------------------------------------------ */
@@ -272,22 +273,38 @@ int pyshm_heap_alloc(pyshm_heap_t *h, uint64_t length, pyshm_pin_info_t *out) {
     return rc;
 }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+/* Faults in the pages of [off, off+len) with one system call, before a large
+ * encoding is copied there (one trap per 4 KiB page costs far more).  Best
+ * effort: kernels before 5.14 refuse it and the copy faults as usual. */
+void pyshm_heap_prefault(pyshm_heap_t *h, uint64_t off, uint64_t len) {
+    if (!pyshm_in_bounds(&h->seg, off, len)) return;
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t from = off & ~(page - 1);
+    madvise(h->seg.rw + from, off + len - from, MADV_POPULATE_WRITE);
+}
+
 int pyshm_heap_abandon(pyshm_heap_t *h, uint64_t blob) {
     int rc = heap_lock(h);
     if (rc) return rc;
     blob_t *b = heap_blob(h, blob);
-    rc = (b && b->state == BLOB_BUILDING) ? heap_blob_drop(h, blob) : PYSHM_ERR_STATE;
+    rc = (b && b->state == BLOB_BUILDING) ? heap_blob_drop(h, blob, 0) : PYSHM_ERR_STATE;
     heap_unlock(h);
     return rc;
 }
 
-/* The old version leaves: obsolete, and freed unless someone pins it. */
-static int retire(pyshm_heap_t *h, uint64_t off) {
+/* The old version leaves: obsolete, and freed unless someone pins it.
+ * give_back: its pages go back to the OS (delete) or stay warm for the
+ * next version (replace). */
+static int retire(pyshm_heap_t *h, uint64_t off, int give_back) {
     blob_t *old = heap_blob(h, off);
     if (!old) return PYSHM_OK;
     old->state = BLOB_OBSOLETE;
     heap_fault(h, PYSHM_FAULT_PUBLISH_OLD);
-    return old->pins ? PYSHM_OK : heap_blob_drop(h, off);
+    return old->pins ? PYSHM_OK : heap_blob_drop(h, off, give_back);
 }
 
 static int publish_locked(pyshm_heap_t *h, const char *name, size_t len, uint64_t off,
@@ -303,7 +320,7 @@ static int publish_locked(pyshm_heap_t *h, const char *name, size_t len, uint64_
         uint64_t old = e->blob;
         e->blob = off; /* the publish point */
         heap_fault(h, PYSHM_FAULT_PUBLISH_DIR);
-        return retire(h, old);
+        return retire(h, old, 0);
     }
     e->hash = dir_hash(name, len);
     e->name_len = (uint32_t)len;
@@ -357,7 +374,7 @@ int pyshm_heap_delete(pyshm_heap_t *h, const char *name, size_t len) {
     else {
         uint64_t old = e->blob;
         dir_remove(h, e);
-        rc = retire(h, old);
+        rc = retire(h, old, 1);
     }
     heap_unlock(h);
     return rc;
@@ -506,6 +523,14 @@ static int check_refs(pyshm_heap_t *h, char *msg, size_t cap) {
                                   (unsigned long long)b->pins, (unsigned long long)pins);
         if (b->state == BLOB_OBSOLETE && !pins) FAIL("blob %llu obsolete and unpinned", (unsigned long long)off);
     }
+    return PYSHM_OK;
+}
+
+int pyshm_heap_trim(pyshm_heap_t *h) {
+    int rc = heap_lock(h);
+    if (rc) return rc;
+    arena_trim(h);
+    heap_unlock(h);
     return PYSHM_OK;
 }
 

@@ -21,7 +21,8 @@
 #define PYSHM_MIN_BLOCK 64u
 #define PYSHM_PINS_PER_SLOT 256
 #define PYSHM_DIR_NAME_MAX 104
-/* Frees of at least this many bytes give their pages back to the OS. */
+/* Freed blocks of at least this many bytes can give their pages back to the
+ * OS; a version replaced by a newer one keeps them for the next put. */
 #define PYSHM_PUNCH_MIN (1u << 20)
 
 typedef struct {
@@ -120,7 +121,8 @@ void heap_fault(pyshm_heap_t *h, int p);
 void arena_init(pyshm_heap_t *h);
 block_t *arena_block(pyshm_heap_t *h, uint64_t off);
 int arena_alloc(pyshm_heap_t *h, uint64_t payload, uint64_t *out);
-int arena_free(pyshm_heap_t *h, uint64_t off);
+int arena_free(pyshm_heap_t *h, uint64_t off, int give_back);
+void arena_trim(pyshm_heap_t *h);
 int arena_rebuild(pyshm_heap_t *h);
 uint64_t arena_largest_free(pyshm_heap_t *h);
 void arena_release_pages(pyshm_heap_t *h, uint64_t off, uint64_t size);
@@ -142,6 +144,6 @@ int readers_reclaim_dead(pyshm_heap_t *h);
 
 /* heap.c */
 blob_t *heap_blob(pyshm_heap_t *h, uint64_t off);
-int heap_blob_drop(pyshm_heap_t *h, uint64_t off);
+int heap_blob_drop(pyshm_heap_t *h, uint64_t off, int give_back);
 
 #endif

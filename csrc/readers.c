@@ -22,7 +22,7 @@ void readers_release_slot(pyshm_heap_t *h, reader_t *r) {
         p->count = 0;
         if (b) {
             b->pins = b->pins > n ? b->pins - n : 0;
-            if (!b->pins && b->state == BLOB_OBSOLETE) heap_blob_drop(h, p->blob);
+            if (!b->pins && b->state == BLOB_OBSOLETE) heap_blob_drop(h, p->blob, 1);
         }
     }
     r->hiwater = 0;
@@ -90,7 +90,7 @@ int readers_unpin(pyshm_heap_t *h, int64_t slot, uint64_t blob_off) {
         heap_fault(h, PYSHM_FAULT_UNPIN);
         if (b->pins) b->pins--;
         if (!p->count && i + 1 == r->hiwater) r->hiwater--;
-        if (!b->pins && b->state == BLOB_OBSOLETE) return heap_blob_drop(h, blob_off);
+        if (!b->pins && b->state == BLOB_OBSOLETE) return heap_blob_drop(h, blob_off, 0);
         return PYSHM_OK;
     }
     return PYSHM_ERR_STATE;

@@ -44,6 +44,10 @@ from pyshm.errors import ClosureError, ClosureReleased, HeapCorrupt
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object, Py_ssize_t*) except NULL
+    bint PyUnicode_IS_ASCII(object)
+    void* PyUnicode_DATA(object)
+    Py_ssize_t PyUnicode_GET_LENGTH(object)
+    Py_ssize_t Py_REFCNT(object)
     object PyTuple_New(Py_ssize_t)
     PyObject* PyTuple_GET_ITEM(object, Py_ssize_t)
     void PyTuple_SET_ITEM(object, Py_ssize_t, PyObject*)
@@ -168,7 +172,7 @@ cdef uint64_t stable_hash(object obj, bint* ok) except? 0:
     cdef uint64_t h
     t = type(obj)
     if t is str:
-        p = PyUnicode_AsUTF8AndSize(obj, &n) if _utf8_ok(obj) else NULL
+        p = _utf8(obj, &n)
         if p == NULL:
             b = (<str>obj).encode("utf-8", "surrogatepass")
             return hash_bytes(b, len(b), SEED_STR)
@@ -230,6 +234,16 @@ cdef uint64_t stable_hash(object obj, bint* ok) except? 0:
         return hash_bytes(s, len(s), SEED_MISC ^ 7)
     ok[0] = 0
     return 0
+
+
+cdef inline const char* _utf8(str s, Py_ssize_t* n) except? NULL:
+    """The UTF-8 bytes of s, or NULL (no error set) if it has lone surrogates."""
+    if PyUnicode_IS_ASCII(s):
+        n[0] = PyUnicode_GET_LENGTH(s)
+        return <const char*>PyUnicode_DATA(s)
+    if not _utf8_ok(s):
+        return NULL
+    return PyUnicode_AsUTF8AndSize(s, n)
 
 
 cdef inline bint _utf8_ok(str s):
@@ -475,7 +489,7 @@ cdef class Encoded:
         cdef rec_t* r = self.rec(off)
         r.type = kind
         r.len = length
-        if memo:
+        if memo and Py_REFCNT(obj) > 2:
             map_put(&self.memo, <uint64_t><uintptr_t><PyObject*>obj, off)
         return off
 
@@ -495,7 +509,9 @@ cdef class Encoded:
                 return (<uint64_t>v << 3) | TAG_INT
         elif t is float:
             return self.enc_float(obj)
-        hit = map_get(&self.memo, <uint64_t><uintptr_t><PyObject*>obj)
+        # An object referenced only by its parent and by the caller's loop
+        # variable (refcount 2) cannot be met again: it skips the memo.
+        hit = map_get(&self.memo, <uint64_t><uintptr_t><PyObject*>obj) if Py_REFCNT(obj) > 2 else NULL
         if hit != NULL:
             r = self.rec(hit[0])
             r.flags |= F_SHARED
@@ -559,10 +575,9 @@ cdef class Encoded:
 
     cdef uint64_t enc_str(self, str s) except? 7:
         cdef Py_ssize_t n
-        cdef const char* p
-        if not _utf8_ok(s):
+        cdef const char* p = _utf8(s, &n)
+        if p == NULL:
             return self.enc_text(s, s.encode("utf-8", "surrogatepass"), T_STR_SURROGATE)
-        p = PyUnicode_AsUTF8AndSize(s, &n)
         cdef Py_ssize_t off = self.start(s, T_STR, n, n)
         memcpy(self.words(off), p, n)
         return off
@@ -661,14 +676,14 @@ cdef class Encoded:
         cdef uint64_t r
         cdef Py_ssize_t i = 0
         self.rec(off).flags |= F_BUSY
-        for item in seq:
-            try:
+        try:
+            for item in seq:
                 r = self.ref(item)
-            except _PathError as e:
-                e.parts.append(f"[{i}]")
-                raise
-            self.words(off)[i] = r
-            i += 1
+                self.words(off)[i] = r
+                i += 1
+        except _PathError as e:
+            e.parts.append(f"[{i}]")
+            raise
         self.rec(off).flags &= ~F_BUSY
         return off
 
@@ -682,23 +697,22 @@ cdef class Encoded:
         cdef Py_ssize_t i = 0
         self.words(off)[0] = cap
         self.rec(off).flags |= F_BUSY
-        for k, v in d.items():
-            h = stable_hash(k, &ok) if ok else 0
-            try:
+        cdef bint in_key = True
+        try:
+            for k, v in d.items():
+                h = stable_hash(k, &ok) if ok else 0
+                in_key = True
                 kr = self.ref(k)
-            except _PathError as err:
-                err.parts.append(f"<key {k!r}>")
-                raise
-            try:
+                in_key = False
                 vr = self.ref(v)
-            except _PathError as err:
-                err.parts.append(f".{k}" if attrs else f"[{k!r}]")
-                raise
-            e = self.words(off) + 1 + 3 * i
-            e[0] = h
-            e[1] = kr
-            e[2] = vr
-            i += 1
+                e = self.words(off) + 1 + 3 * i
+                e[0] = h
+                e[1] = kr
+                e[2] = vr
+                i += 1
+        except _PathError as err:
+            err.parts.append(f"<key {k!r}>" if in_key else f".{k}" if attrs else f"[{k!r}]")
+            raise
         if i != n:
             raise RuntimeError("dictionary changed size during put")
         self.finish_index(off, n, cap, 3, ok)
@@ -714,17 +728,17 @@ cdef class Encoded:
         cdef Py_ssize_t i = 0
         self.words(off)[0] = cap
         self.rec(off).flags |= F_BUSY
-        for item in s:
-            h = stable_hash(item, &ok) if ok else 0
-            try:
+        try:
+            for item in s:
+                h = stable_hash(item, &ok) if ok else 0
                 r = self.ref(item)
-            except _PathError as err:
-                err.parts.append(f"{{{item!r}}}")
-                raise
-            e = self.words(off) + 1 + 2 * i
-            e[0] = h
-            e[1] = r
-            i += 1
+                e = self.words(off) + 1 + 2 * i
+                e[0] = h
+                e[1] = r
+                i += 1
+        except _PathError as err:
+            err.parts.append(f"{{{item!r}}}")
+            raise
         self.finish_index(off, n, cap, 2, ok)
         return off
 
@@ -1278,10 +1292,8 @@ cdef bint _key_equals(Snapshot s, uint64_t ref, key) except -1:
         r = _rec(s, ref, 16)
         if r.type != T_STR:
             return r.type == T_STR_SURROGATE and _str_of(s, ref, r) == key
-        if not _utf8_ok(key):
-            return False
-        p = PyUnicode_AsUTF8AndSize(key, &n)
-        if <uint64_t>n != r.len:
+        p = _utf8(key, &n)
+        if p == NULL or <uint64_t>n != r.len:
             return False
         _rec(s, ref, 16 + r.len)
         return memcmp(p, _body(r), n) == 0

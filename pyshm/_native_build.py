@@ -35,6 +35,7 @@ uintptr_t pyshm_heap_rw_base(pyshm_heap_t *h);
 int64_t pyshm_heap_slot(pyshm_heap_t *h);
 int pyshm_heap_alloc(pyshm_heap_t *h, uint64_t length, pyshm_pin_info_t *out);
 int pyshm_heap_abandon(pyshm_heap_t *h, uint64_t blob);
+void pyshm_heap_prefault(pyshm_heap_t *h, uint64_t off, uint64_t len);
 int pyshm_heap_publish(pyshm_heap_t *h, const char *name, size_t name_len, uint64_t blob, uint64_t *version);
 int pyshm_heap_pin(pyshm_heap_t *h, const char *name, size_t name_len, pyshm_pin_info_t *out);
 int pyshm_heap_unpin(pyshm_heap_t *h, int64_t slot, uint64_t blob);
@@ -44,6 +45,7 @@ uint64_t pyshm_heap_name_capacity(pyshm_heap_t *h);
 int pyshm_heap_stats(pyshm_heap_t *h, pyshm_heap_stats_t *out);
 int pyshm_heap_reclaim(pyshm_heap_t *h, pyshm_reclaim_t *out);
 int pyshm_heap_check(pyshm_heap_t *h, char *msg, size_t cap);
+int pyshm_heap_trim(pyshm_heap_t *h);
 void pyshm_heap_set_fault(pyshm_heap_t *h, int point);
 void pyshm_heap_fault_now(pyshm_heap_t *h, int point);
 

@@ -35,6 +35,7 @@ FAULTS = {
     "free_merge": 6, "pin": 7, "unpin": 8, "dir_insert": 9,
 }
 
+_PREFAULT_MIN = 1 << 20  # encodings this large fault their pages in with one call
 _UNPIN = int(ffi.cast("uintptr_t", ffi.addressof(lib, "pyshm_heap_unpin")))
 
 
@@ -217,6 +218,8 @@ class SharedHeap:
         if rc:
             _raise(rc, f"put {name!r}")
         try:
+            if enc.nbytes >= _PREFAULT_MIN:
+                lib.pyshm_heap_prefault(h, info.data, info.length)
             half = self._fault == FAULTS["encode"]
             enc.write_into(self._native.rw + info.data, info.length, half)
             if half:
@@ -307,6 +310,14 @@ class SharedHeap:
         if r.readers or r.blobs:
             log.info("heap %s: reclaimed %d dead readers, %d versions", self.name, r.readers, r.blobs)
         return ReclaimReport(dead_readers=r.readers, freed_versions=r.blobs)
+
+    def trim(self) -> None:
+        """Gives the pages of free memory back to the OS.  (Versions freed
+        by a newer put keep theirs, warm for the next put; delete() and
+        reclaim() give theirs back.)"""
+        rc = lib.pyshm_heap_trim(self._h())
+        if rc:
+            _raise(rc, "trim")
 
     def check(self) -> None:
         """Verifies every invariant of the segment; raises HeapCorrupt."""

@@ -84,17 +84,23 @@ def test_churn_returns_to_the_same_used_bytes(heap):
 
 
 def test_large_blob_pages_go_back_to_the_os(heap_name):
+    """A replaced version keeps its pages warm for the next put; delete()
+    and trim() give them back to the OS."""
+    import os
+
     from pyshm.procmem import rss
 
     heap = pyshm.SharedHeap.create(heap_name, size="1GiB")
-    import os
-
     base = rss(os.getpid())
     heap.put("big", b"\1" * (200 << 20))
     assert rss(os.getpid()) - base > 150 << 20
     heap.delete("big")
-    import gc
-
-    gc.collect()
     assert rss(os.getpid()) - base < 50 << 20
+    heap.put("big", b"\1" * (200 << 20))
+    heap.put("big", b"\2" * (200 << 20))
+    heap.put("big", b"")  # both big versions freed, pages kept
+    assert rss(os.getpid()) - base > 300 << 20
+    heap.trim()
+    assert rss(os.getpid()) - base < 50 << 20
+    heap.check()
     heap.close()
