@@ -252,7 +252,7 @@ def bench_put_get(heap, items_1m: dict) -> None:
 
 def session_dict() -> dict:
     return {"user_id": 123456, "name": "Ada Lovelace", "email": "ada@example.org", "roles": ["admin", "dev"],
-            "cart": [{"sku": f"sku-{i}", "qty": i % 3 + 1, "price": 9.99 + i} for i in range(20)],
+            "cart": [{"sku": f"sku-{i}", "qty": i % 3 + 1, "price": 9.99 + i} for i in range(45)],
             "prefs": {"theme": "dark", "lang": "en", "tz": "Europe/London"},
             "csrf": "x" * 64, "created": 1_700_000_000.0, "last_seen": 1_700_000_100.0,
             "flags": {f"f{i}": i % 2 == 0 for i in range(20)}, "history": list(range(100))}
@@ -354,6 +354,7 @@ def bench_memory(heap, items_1m: dict, nbytes: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
+    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run, e.g. 2,4")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -374,11 +375,14 @@ def main() -> None:
     lmdb_env = lmdb.open(tmp, map_size=8 << 30, sync=False, metasync=False, writemap=True)
     try:
         items_1m = records(n_items)
-        bench_map(heap, redis, lmdb_env, sizes, items_1m)
-        bench_lookup(heap, redis, lmdb_env, items_1m, quick)
-        bench_put_get(heap, items_1m)
-        bench_session(heap, redis, lmdb_env)
-        bench_memory(heap, items_1m, big)
+        wanted = set(args.sections.split(","))
+        for section, run in (("1", lambda: bench_map(heap, redis, lmdb_env, sizes, items_1m)),
+                             ("2", lambda: bench_lookup(heap, redis, lmdb_env, items_1m, quick)),
+                             ("3", lambda: bench_put_get(heap, items_1m)),
+                             ("4", lambda: bench_session(heap, redis, lmdb_env)),
+                             ("5", lambda: bench_memory(heap, items_1m, big))):
+            if section in wanted:
+                run()
     finally:
         lmdb_env.close()
         shutil.rmtree(tmp)

@@ -81,7 +81,6 @@ static void repair_readers(pyshm_heap_t *h) {
         reader_t *r = reader_slot(h, (int64_t)i);
         if (!r->pid) continue;
         int alive = pyshm_proc_alive(r->pid, r->start);
-        if (r->hiwater > PYSHM_PINS_PER_SLOT) r->hiwater = PYSHM_PINS_PER_SLOT;
         for (uint64_t k = 0; k < r->hiwater; k++) {
             pin_t *p = &r->pins[k];
             if (!p->count) continue;
@@ -201,12 +200,28 @@ int pyshm_heap_create(const char *name, uint64_t size, uint64_t names, uint64_t 
     return PYSHM_OK;
 }
 
+/* The regions recorded in the header lie inside the segment, in order. */
+static int layout_valid(const pyshm_heap_t *h) {
+    const heap_hdr_t *hdr = h->hdr;
+    const pyshm_segment_t *seg = &h->seg;
+    return seg->size >= sizeof(heap_hdr_t)
+        && hdr->readers_off >= sizeof(heap_hdr_t)
+        && hdr->n_readers <= (seg->size - hdr->readers_off) / sizeof(reader_t)
+        && hdr->dir_off >= hdr->readers_off + hdr->n_readers * sizeof(reader_t)
+        && hdr->dir_cap && !(hdr->dir_cap & (hdr->dir_cap - 1))
+        && hdr->dir_cap <= (seg->size - hdr->dir_off) / sizeof(dir_entry_t)
+        && hdr->arena_off >= hdr->dir_off + hdr->dir_cap * sizeof(dir_entry_t)
+        && hdr->arena_off <= hdr->arena_end && hdr->arena_end <= seg->size
+        && hdr->arena_off % PYSHM_ALIGN == 0;
+}
+
 int pyshm_heap_attach(const char *name, int flags, pyshm_heap_t **out) {
     pyshm_heap_t *h = handle_new();
     if (!h) return PYSHM_ERR_SYS;
     int rc = pyshm_segment_attach(&h->seg, name, PYSHM_KIND_HEAP);
     if (rc) { free(h); return rc; }
     h->hdr = (heap_hdr_t *)h->seg.rw;
+    if (!layout_valid(h)) { pyshm_segment_detach(&h->seg); free(h); return PYSHM_ERR_CORRUPT; }
     if (!(flags & PYSHM_ATTACH_OBSERVE)) rc = pyshm_heap_rebind(h);
     if (rc) { pyshm_segment_detach(&h->seg); free(h); return rc; }
     *out = h;

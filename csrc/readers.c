@@ -9,12 +9,15 @@
 
 reader_t *reader_slot(pyshm_heap_t *h, int64_t i) {
     if (i < 0 || (uint64_t)i >= h->hdr->n_readers) return NULL;
-    return (reader_t *)(h->seg.rw + h->hdr->readers_off) + i;
+    reader_t *r = (reader_t *)(h->seg.rw + h->hdr->readers_off) + i;
+    /* hiwater bounds every scan of pins[]: never trust it past the array. */
+    if (r->hiwater > PYSHM_PINS_PER_SLOT) r->hiwater = PYSHM_PINS_PER_SLOT;
+    return r;
 }
 
 /* Gives back every pin the slot holds and frees the slot. */
 void readers_release_slot(pyshm_heap_t *h, reader_t *r) {
-    for (uint64_t i = 0; i < r->hiwater && i < PYSHM_PINS_PER_SLOT; i++) {
+    for (uint64_t i = 0; i < r->hiwater; i++) {
         pin_t *p = &r->pins[i];
         if (!p->count) continue;
         blob_t *b = heap_blob(h, p->blob);

@@ -1167,30 +1167,8 @@ cdef class MappedDict:
     cdef const uint32_t* index
 
     cdef const uint64_t* find(self, key) except? NULL:
-        cdef bint ok = 1
-        cdef uint64_t h, i, idx, probes
-        cdef const uint64_t* e
         _alive(self.s)
-        if self.cap:
-            h = stable_hash(key, &ok)
-            if ok:
-                i = h & (self.cap - 1)
-                for probes in range(self.cap):
-                    idx = self.index[i]
-                    if idx == 0:
-                        return NULL
-                    if idx > self.n:
-                        _corrupt(self.s, self.off)
-                    e = self.entries + 3 * (idx - 1)
-                    if e[0] == h and _key_equals(self.s, e[1], key):
-                        return e
-                    i = (i + 1) & (self.cap - 1)
-                return NULL
-        for i in range(self.n):
-            e = self.entries + 3 * i
-            if _key_equals(self.s, e[1], key):
-                return e
-        return NULL
+        return _probe(self.s, self.off, self.entries, self.index, self.n, self.cap, 3, key)
 
     def __getitem__(self, key):
         cdef const uint64_t* e = self.find(key)
@@ -1263,6 +1241,36 @@ cdef class MappedDict:
         if not self.s.valid:
             return "<MappedDict (released)>"
         return f"MappedDict({dict(self.items())!r})"
+
+
+cdef const uint64_t* _probe(Snapshot s, uint64_t off, const uint64_t* entries, const uint32_t* index,
+                            uint64_t n, uint64_t cap, int width, key) except? NULL:
+    """The entry (hash, key ref[, value ref]) whose key equals `key`, found
+    through the stored index, or by a scan when there is no index or the
+    key has no stable hash; NULL when absent."""
+    cdef bint ok = 1
+    cdef uint64_t h = 0, i, idx, probes
+    cdef const uint64_t* e
+    if cap:
+        h = stable_hash(key, &ok)
+    if cap and ok:
+        i = h & (cap - 1)
+        for probes in range(cap):
+            idx = index[i]
+            if idx == 0:
+                return NULL
+            if idx > n:
+                _corrupt(s, off)
+            e = entries + width * (idx - 1)
+            if e[0] == h and _key_equals(s, e[1], key):
+                return e
+            i = (i + 1) & (cap - 1)
+        return NULL
+    for i in range(n):
+        e = entries + width * i
+        if _key_equals(s, e[1], key):
+            return e
+    return NULL
 
 
 cdef MappedDict _mapped_dict(Snapshot s, uint64_t off, const rec_t* r):
@@ -1418,32 +1426,11 @@ cdef class MappedSet:
     cdef const uint32_t* index
 
     def __contains__(self, item):
-        cdef bint ok = 1
-        cdef uint64_t h, i, idx, probes
-        cdef const uint64_t* e
         _alive(self.s)
-        if self.cap:
-            try:
-                h = stable_hash(item, &ok)
-            except TypeError:
-                return False
-            if ok:
-                i = h & (self.cap - 1)
-                for probes in range(self.cap):
-                    idx = self.index[i]
-                    if idx == 0:
-                        return False
-                    if idx > self.n:
-                        _corrupt(self.s, self.off)
-                    e = self.entries + 2 * (idx - 1)
-                    if e[0] == h and _key_equals(self.s, e[1], item):
-                        return True
-                    i = (i + 1) & (self.cap - 1)
-                return False
-        for i in range(self.n):
-            if _key_equals(self.s, self.entries[2 * i + 1], item):
-                return True
-        return False
+        try:
+            return _probe(self.s, self.off, self.entries, self.index, self.n, self.cap, 2, item) != NULL
+        except TypeError:
+            return False
 
     def __len__(self):
         _alive(self.s)

@@ -89,3 +89,16 @@ def test_heap_stats_cli(heap, heap_name):
     bad = subprocess.run([sys.executable, "-m", "pyshm.cli", "heap", "stats", heap_name + "-nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "attach heap" in bad.stderr
+
+
+def test_corrupt_header_offsets_are_refused(heap, heap_name):
+    """Offsets read from the segment header are checked before use."""
+    heap.close()
+    fd = os.open(f"/dev/shm/pyshm.{heap_name}", os.O_RDWR)
+    try:
+        dir_cap_at = 128 + 40 + 3 * 8  # seg header, mutex, readers_off, n_readers, dir_off
+        os.pwrite(fd, struct.pack("<Q", 3), dir_cap_at)  # not a power of two
+    finally:
+        os.close(fd)
+    with pytest.raises(pyshm.HeapCorrupt):
+        pyshm.SharedHeap.attach(heap_name)
