@@ -1548,12 +1548,9 @@ cdef MappedObject _mapped_object(Snapshot s, uint64_t off, const rec_t* r):
     return v
 
 
-_collections_registered = False
-if not _collections_registered:
-    _abc.Mapping.register(MappedDict)
-    _abc.Sequence.register(MappedList)
-    _abc.Set.register(MappedSet)
-    _collections_registered = True
+_abc.Mapping.register(MappedDict)
+_abc.Sequence.register(MappedList)
+_abc.Set.register(MappedSet)
 
 # ---- deep copy out ---------------------------------------------------------------
 
