@@ -395,6 +395,18 @@ int pyshm_heap_delete(pyshm_heap_t *h, const char *name, size_t len) {
     return rc;
 }
 
+/* The current version of `name`, without pinning it. */
+int pyshm_heap_lookup(pyshm_heap_t *h, const char *name, size_t len, uint64_t *version) {
+    int rc = heap_lock(h);
+    if (rc) return rc;
+    dir_entry_t *e = dir_find(h, name, len);
+    blob_t *b = e ? heap_blob(h, e->blob) : NULL;
+    rc = !e ? PYSHM_ERR_NOTFOUND : !b ? PYSHM_ERR_CORRUPT : PYSHM_OK;
+    if (!rc) *version = b->version;
+    heap_unlock(h);
+    return rc;
+}
+
 uint64_t pyshm_heap_name_capacity(pyshm_heap_t *h) { return h->hdr->dir_cap; }
 
 /* Returns 1 and fills the outputs when directory entry `index` is in use. */

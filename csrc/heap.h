@@ -73,6 +73,7 @@ int pyshm_heap_publish(pyshm_heap_t *h, const char *name, size_t name_len, uint6
 int pyshm_heap_pin(pyshm_heap_t *h, const char *name, size_t name_len, pyshm_pin_info_t *out);
 int pyshm_heap_unpin(pyshm_heap_t *h, int64_t slot, uint64_t blob);
 int pyshm_heap_delete(pyshm_heap_t *h, const char *name, size_t name_len);
+int pyshm_heap_lookup(pyshm_heap_t *h, const char *name, size_t name_len, uint64_t *version);
 int pyshm_heap_name_at(pyshm_heap_t *h, uint64_t index, char *name, size_t cap,
                        uint64_t *version, uint64_t *length);
 uint64_t pyshm_heap_name_capacity(pyshm_heap_t *h);

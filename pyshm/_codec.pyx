@@ -101,10 +101,7 @@ cdef uint32_t FORMAT_VERSION = 1
 cdef Py_ssize_t HEADER = 32
 cdef Py_ssize_t BIG_MIN = 65536       # buffers this large are copied straight into the heap
 cdef int MAX_DEPTH = 4000
-cdef uint64_t BAD_REF = 7
 cdef int64_t SMALL_INT = 1LL << 60
-
-HEADER_SIZE = HEADER
 
 # ---- stable hash --------------------------------------------------------------
 
@@ -241,18 +238,10 @@ cdef inline const char* _utf8(str s, Py_ssize_t* n) except? NULL:
     if PyUnicode_IS_ASCII(s):
         n[0] = PyUnicode_GET_LENGTH(s)
         return <const char*>PyUnicode_DATA(s)
-    if not _utf8_ok(s):
-        return NULL
-    return PyUnicode_AsUTF8AndSize(s, n)
-
-
-cdef inline bint _utf8_ok(str s):
-    # Strings with lone surrogates have no UTF-8 form.
     try:
-        PyUnicode_AsUTF8AndSize(s, NULL)
-        return True
-    except UnicodeEncodeError:
-        return False
+        return PyUnicode_AsUTF8AndSize(s, n)
+    except UnicodeEncodeError:  # lone surrogates have no UTF-8 form
+        return NULL
 
 
 def stable_hash_of(obj) -> int | None:
@@ -1095,10 +1084,13 @@ cdef object _ndarray_of(Snapshot s, uint64_t off, const rec_t* r, bint copy):
 
 
 cdef object decode_key(Snapshot s, uint64_t ref):
-    """Keys and set members come back as real objects: they must hash."""
+    """Keys and set members come back as real objects: they must hash.
+    Atoms (str, numbers, ...) decode directly; only tuples and frozensets
+    need a copier."""
     if ref & 7:
         return decode_view(s, ref)
-    return _Copier(s).run(ref)
+    v = _scalar(s, ref, _rec(s, ref, 16))
+    return _Copier(s).run(ref) if v is NotImplemented else v
 
 
 cdef object decode_view(Snapshot s, uint64_t ref):
@@ -1200,10 +1192,22 @@ cdef class MappedDict:
         return _abc.KeysView(self)
 
     def values(self):
-        return _abc.ValuesView(self)
+        return _MappedValues(self)
 
     def items(self):
-        return _abc.ItemsView(self)
+        return _MappedItems(self)
+
+    def _values(self):
+        cdef uint64_t i
+        for i in range(self.n):
+            _alive(self.s)
+            yield decode_view(self.s, self.entries[3 * i + 2])
+
+    def _items(self):
+        cdef uint64_t i
+        for i in range(self.n):
+            _alive(self.s)
+            yield decode_key(self.s, self.entries[3 * i + 1]), decode_view(self.s, self.entries[3 * i + 2])
 
     def __eq__(self, other):
         cdef uint64_t i
@@ -1243,6 +1247,22 @@ cdef class MappedDict:
         return f"MappedDict({dict(self.items())!r})"
 
 
+class _MappedValues(_abc.ValuesView):
+    """values() of a MappedDict: walks the entries, no lookup per key."""
+    __slots__ = ()
+
+    def __iter__(self):
+        return self._mapping._values()
+
+
+class _MappedItems(_abc.ItemsView):
+    """items() of a MappedDict: walks the entries, no lookup per key."""
+    __slots__ = ()
+
+    def __iter__(self):
+        return self._mapping._items()
+
+
 cdef const uint64_t* _probe(Snapshot s, uint64_t off, const uint64_t* entries, const uint32_t* index,
                             uint64_t n, uint64_t cap, int width, key) except? NULL:
     """The entry (hash, key ref[, value ref]) whose key equals `key`, found
@@ -1273,21 +1293,29 @@ cdef const uint64_t* _probe(Snapshot s, uint64_t off, const uint64_t* entries, c
     return NULL
 
 
+cdef const uint64_t* _indexed_entries(Snapshot s, uint64_t off, const rec_t* r, int width,
+                                     uint64_t* cap) except NULL:
+    """The entries of a dict (width 3) or set (width 2) record, checked with
+    the index after them to lie inside the blob.  Sets *cap to the index
+    capacity, 0 when lookups must scan.  The index is entries + width * len."""
+    cdef uint64_t c
+    _rec(s, off, 24)
+    c = _body(r)[0]
+    _rec_array(s, off, width, 8)
+    if c & (c - 1) or c > s.length:
+        _corrupt(s, off)
+    _rec(s, off, 24 + 8 * width * r.len + 4 * c)
+    cap[0] = 0 if r.flags & F_NOINDEX else c
+    return _body(r) + 1
+
+
 cdef MappedDict _mapped_dict(Snapshot s, uint64_t off, const rec_t* r):
     cdef MappedDict d = MappedDict.__new__(MappedDict)
-    cdef uint64_t cap
-    _rec(s, off, 24)
-    cap = _body(r)[0]
-    _rec_array(s, off, 3, 8)
-    if cap & (cap - 1) or cap > s.length:
-        _corrupt(s, off)
-    _rec(s, off, 24 + 24 * r.len + 4 * cap)
+    d.entries = _indexed_entries(s, off, r, 3, &d.cap)
+    d.index = <const uint32_t*>(d.entries + 3 * r.len)
     d.s = s
     d.off = off
     d.n = r.len
-    d.cap = 0 if r.flags & F_NOINDEX else cap
-    d.entries = _body(r) + 1
-    d.index = <const uint32_t*>(d.entries + 3 * r.len)
     return d
 
 
@@ -1465,20 +1493,12 @@ cdef class MappedSet:
 
 cdef MappedSet _mapped_set(Snapshot s, uint64_t off, const rec_t* r):
     cdef MappedSet v = MappedSet.__new__(MappedSet)
-    cdef uint64_t cap
-    _rec(s, off, 24)
-    cap = _body(r)[0]
-    _rec_array(s, off, 2, 8)
-    if cap & (cap - 1) or cap > s.length:
-        _corrupt(s, off)
-    _rec(s, off, 24 + 16 * r.len + 4 * cap)
+    v.entries = _indexed_entries(s, off, r, 2, &v.cap)
+    v.index = <const uint32_t*>(v.entries + 2 * r.len)
     v.s = s
     v.off = off
     v.n = r.len
     v.frozen = r.type == T_FROZENSET
-    v.cap = 0 if r.flags & F_NOINDEX else cap
-    v.entries = _body(r) + 1
-    v.index = <const uint32_t*>(v.entries + 2 * r.len)
     return v
 
 
@@ -1649,7 +1669,7 @@ cdef class _Copier:
             d = {}
             if shared:
                 self.remember(ref, d)
-            self.fill_dict(_mapped_dict(self.s, ref, r), d, None)
+            self.fill_dict(ref, r, d, None)
             return d
         if t == T_SET or t == T_FROZENSET:
             return self.build_set(ref, r)
@@ -1694,18 +1714,18 @@ cdef class _Copier:
         return tup
 
     cdef object build_set(self, uint64_t ref, const rec_t* r):
-        cdef MappedSet view = _mapped_set(self.s, ref, r)
-        cdef uint64_t i
+        cdef uint64_t cap, i
+        cdef const uint64_t* e = _indexed_entries(self.s, ref, r, 2, &cap)
         if r.type == T_SET:
             s = set()
             if r.flags & F_SHARED:
                 self.remember(ref, s)
-            for i in range(view.n):
-                s.add(self.key(view.entries[2 * i + 1]))
+            for i in range(r.len):
+                s.add(self.key(e[2 * i + 1]))
             return s
         if r.flags & F_SHARED:
             self.remember(ref, _IN_PROGRESS)
-        return frozenset([self.key(view.entries[2 * i + 1]) for i in range(view.n)])
+        return frozenset([self.key(e[2 * i + 1]) for i in range(r.len)])
 
     cdef object key(self, uint64_t ref):
         k = self.copy(ref)
@@ -1713,11 +1733,13 @@ cdef class _Copier:
             raise ClosureError("cannot rebuild a cycle through a frozenset used as a key")
         return k
 
-    cdef int fill_dict(self, MappedDict view, object target, object inst) except -1:
-        cdef uint64_t i
-        for i in range(view.n):
-            k = self.key(view.entries[3 * i + 1])
-            v = self.copy(view.entries[3 * i + 2])
+    cdef int fill_dict(self, uint64_t ref, const rec_t* r, object target, object inst) except -1:
+        """Copies the dict record's entries into target, or onto inst's attributes."""
+        cdef uint64_t cap, i
+        cdef const uint64_t* e = _indexed_entries(self.s, ref, r, 3, &cap)
+        for i in range(r.len):
+            k = self.key(e[3 * i + 1])
+            v = self.copy(e[3 * i + 2])
             if inst is not None:
                 self.settle(inst, k, v, True)
                 object.__setattr__(inst, k, v)
@@ -1733,8 +1755,10 @@ cdef class _Copier:
         inst = cls.__new__(cls)
         if r.flags & F_SHARED:
             self.remember(ref, inst)
-        st = decode_view(self.s, w[1])
-        if type(st) is not MappedDict:
+        if w[1] & 7:
             _corrupt(self.s, ref)
-        self.fill_dict(<MappedDict>st, None, inst)
+        cdef const rec_t* state = _rec(self.s, w[1], 16)
+        if state.type != T_DICT:
+            _corrupt(self.s, ref)
+        self.fill_dict(w[1], state, None, inst)
         return inst

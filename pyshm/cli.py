@@ -39,7 +39,7 @@ def _clean(args: argparse.Namespace) -> int:
     removed = segments.clean(force=args.force)
     for seg in removed:
         print(f"removed {seg.name} ({format_size(seg.size)}, creator pid {seg.creator_pid} gone)")
-    kept = [s for s in segments.list_segments()]
+    kept = segments.list_segments()
     for seg in kept:
         why = "creator alive" if seg.creator_alive else f"{seg.readers} process(es) attached"
         if not seg.readable:

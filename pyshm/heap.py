@@ -267,7 +267,18 @@ class SharedHeap:
             _raise(rc, f"delete {name!r}")
 
     def __contains__(self, name: str) -> bool:
-        return name in self.names()
+        return self.version(name) is not None
+
+    def version(self, name: str) -> int | None:
+        """The current version of `name`, or None if there is none."""
+        key = name.encode()
+        version = ffi.new("uint64_t *")
+        rc = lib.pyshm_heap_lookup(self._h(), key, len(key), version)
+        if rc == -6:
+            return None
+        if rc:
+            _raise(rc, f"look up {name!r}")
+        return int(version[0])
 
     def names(self) -> list[str]:
         return [n for n, _, _ in self.versions()]

@@ -52,11 +52,6 @@ class Procs:
         self.started.append(p)
         return p
 
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        p = self.start(*args)
-        out, _ = p.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(p.args, p.returncode, out, None)
-
     def stop_all(self) -> None:
         for p in self.started:
             if p.poll() is None:

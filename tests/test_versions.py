@@ -1,9 +1,12 @@
 """Versions, freeing, HeapFull and churn."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import pyshm
+from pyshm.procmem import rss
 
 
 def test_put_while_mapped_keeps_the_snapshot(heap):
@@ -26,11 +29,13 @@ def test_put_while_mapped_keeps_the_snapshot(heap):
 
 
 def test_delete_frees_and_names(heap):
-    heap.put("a", [1])
+    va = heap.put("a", [1])
     heap.put("b", [2])
     assert sorted(heap.names()) == ["a", "b"]
+    assert "a" in heap and heap.version("a") == va
     heap.delete("a")
     assert heap.names() == ["b"]
+    assert "a" not in heap and heap.version("a") is None
     with pytest.raises(pyshm.ClosureNotFound, match="no closure named 'a'"):
         heap.map("a")
     with pytest.raises(KeyError):
@@ -86,10 +91,6 @@ def test_churn_returns_to_the_same_used_bytes(heap):
 def test_large_blob_pages_go_back_to_the_os(heap_name):
     """A replaced version keeps its pages warm for the next put; delete()
     and trim() give them back to the OS."""
-    import os
-
-    from pyshm.procmem import rss
-
     heap = pyshm.SharedHeap.create(heap_name, size="1GiB")
     base = rss(os.getpid())
     heap.put("big", b"\1" * (200 << 20))
