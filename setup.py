@@ -6,7 +6,7 @@ from setuptools import Extension, setup
 setup(
     cffi_modules=["pyshm/_native_build.py:ffibuilder"],
     ext_modules=cythonize(
-        [Extension("pyshm._codec", ["pyshm/_codec.pyx"], extra_compile_args=["-O2"])],
+        [Extension("pyshm._codec", ["pyshm/_codec.pyx"], include_dirs=["csrc"], extra_compile_args=["-O2"])],
         compiler_directives={"language_level": "3"},
     ),
 )

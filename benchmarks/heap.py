@@ -48,6 +48,20 @@ def per_call(fn, reps: int, inner: int = 1) -> float:
     return statistics.median(times)
 
 
+def side_by_side(fns: dict, reps: int, inner: int = 1) -> dict:
+    """Median seconds per call of each function, measured in alternation
+    (one batch of each per round) so that a noisy stretch of the machine
+    hits all of them alike."""
+    times: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - t0) / inner)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def fmt(s: float | None) -> str:
     if s is None:
         return "n/a"
@@ -180,9 +194,9 @@ def bench_lookup(heap, redis, lmdb_env, items_1m: dict, quick: bool) -> None:
                 get(k)
         return f
 
-    ours = per_call(run(view.__getitem__, keys), 21) / len(keys)
-    ours_field = per_call(run(lambda k: view[k]["price"], keys), 21) / len(keys)
-    local = per_call(run(items_1m.__getitem__, keys), 21) / len(keys)
+    t = side_by_side({"ours": run(view.__getitem__, keys), "field": run(lambda k: view[k]["price"], keys),
+                      "local": run(items_1m.__getitem__, keys)}, 21)
+    ours, ours_field, local = (t[k] / len(keys) for k in ("ours", "field", "local"))
     few = keys[:1000]
     with lmdb_env.begin(write=True) as txn:
         for k, v in items_1m.items():
@@ -222,12 +236,11 @@ def bench_lookup(heap, redis, lmdb_env, items_1m: dict, quick: bool) -> None:
 # ---- 3. put / get ---------------------------------------------------------------------
 
 def bench_put_get(heap, items_1m: dict) -> None:
-    reps = 3
-    put = per_call(lambda: heap.put("items", items_1m), reps)
-    dumps = per_call(lambda: pickle.dumps(items_1m, protocol=5), reps)
     blob = pickle.dumps(items_1m, protocol=5)
-    get = per_call(lambda: heap.get("items"), reps)
-    loads = per_call(lambda: pickle.loads(blob), reps)
+    t = side_by_side({"put": lambda: heap.put("items", items_1m),
+                      "dumps": lambda: pickle.dumps(items_1m, protocol=5),
+                      "get": lambda: heap.get("items"), "loads": lambda: pickle.loads(blob)}, 5)
+    put, dumps, get, loads = t["put"], t["dumps"], t["get"], t["loads"]
     flat = np.random.default_rng(1).integers(0, 255, size=256 << 20, dtype=np.uint8)
     raw = flat.tobytes()
     put_np = per_call(lambda: heap.put("flat", flat), 5)
@@ -262,22 +275,21 @@ def bench_session(heap, redis, lmdb_env) -> None:
     s = session_dict()
     blob = pickle.dumps(s, protocol=5)
     fields = ["user_id", "name", "email", "roles", "prefs", "csrf", "created", "last_seen", "flags", "cart"]
-    put = per_call(lambda: heap.put("session", s), 50, 200)
 
     def map_read():
         with heap.map("session") as v:
             for f in fields:
                 v[f]
 
-    read = per_call(map_read, 50, 200)
-    dumps = per_call(lambda: pickle.dumps(s, protocol=5), 50, 200)
-
     def loads_read():
         d = pickle.loads(blob)
         for f in fields:
             d[f]
 
-    loads = per_call(loads_read, 50, 200)
+    heap.put("session", s)
+    t = side_by_side({"put": lambda: heap.put("session", s), "read": map_read,
+                      "dumps": lambda: pickle.dumps(s, protocol=5), "loads": loads_read}, 50, 200)
+    put, read, dumps, loads = t["put"], t["read"], t["dumps"], t["loads"]
 
     def lmdb_put():
         with lmdb_env.begin(write=True) as txn:

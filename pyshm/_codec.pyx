@@ -8,7 +8,8 @@ to each other by offset from the blob start:
     record header (16 bytes): type, flags, len; then a type-specific body
 
 A *ref* is a 64-bit word: low 3 bits 0 -> offset of a record; 1 -> a small
-int (value << 3); 2 -> a constant (None, False, True).
+int (value << 3); 2 -> a constant (None, False, True); 3 -> a float whose
+exponent lies within 2**-127 .. 2**128 (see pack_float), stored inline.
 
 Dicts and sets carry a hash index built with a stable hash (not Python's
 seeded hash()), so any process can look a key up without decoding the dict.
@@ -85,6 +86,7 @@ cdef enum:
 cdef enum:
     TAG_INT = 1
     TAG_CONST = 2
+    TAG_FLOAT = 3
 
 cdef enum:
     TZ_NONE = 0
@@ -97,7 +99,7 @@ ctypedef struct rec_t:
     uint64_t len
 
 cdef uint32_t BLOB_MAGIC = 0x43485350  # "PSHC"
-cdef uint32_t FORMAT_VERSION = 1
+cdef uint32_t FORMAT_VERSION = 2
 cdef Py_ssize_t HEADER = 32
 cdef Py_ssize_t BIG_MIN = 65536       # buffers this large are copied straight into the heap
 cdef int MAX_DEPTH = 4000
@@ -124,20 +126,8 @@ cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
     return x
 
 
-cdef uint64_t hash_bytes(const char* p, Py_ssize_t n, uint64_t seed) noexcept nogil:
-    cdef uint64_t h = seed ^ (<uint64_t>n * K1)
-    cdef uint64_t w
-    while n >= 8:
-        memcpy(&w, p, 8)
-        h = (h ^ mix64(w)) * K1
-        h = (h << 31) | (h >> 33)
-        p += 8
-        n -= 8
-    w = 0
-    if n:
-        memcpy(&w, p, n)
-        h ^= mix64(w ^ <uint64_t>n)
-    return mix64(h)
+cdef extern from "stable_hash.h":
+    uint64_t hash_bytes "pyshm_hash_bytes"(const char* p, size_t n, uint64_t seed) noexcept nogil
 
 
 cdef uint64_t hash_int(object v) except? 0:
@@ -423,6 +413,29 @@ cdef inline bint _is_ndarray(object t):
     return False
 
 
+cdef inline uint64_t pack_float(double f) noexcept:
+    """A TAG_FLOAT ref for f, or 0 when f must take a record.  Doubles whose
+    top four exponent bits are 0111 or 1000 (|f| in 2**-127 .. 2**128, which
+    holds nearly every float a program stores) carry one bit of information
+    in those four: keep bit 62, drop bits 61..59, and 61 bits remain."""
+    cdef uint64_t b
+    memcpy(&b, &f, 8)
+    cdef uint64_t top = (b >> 59) & 0xF
+    if top != 0x7 and top != 0x8:
+        return 0
+    cdef uint64_t p = (b & ((<uint64_t>1 << 59) - 1)) | (((b >> 62) & 1) << 59) | ((b >> 63) << 60)
+    return (p << 3) | TAG_FLOAT
+
+
+cdef inline double unpack_float(uint64_t ref) noexcept:
+    cdef uint64_t p = ref >> 3
+    cdef uint64_t top = 0x8 if (p >> 59) & 1 else 0x7
+    cdef uint64_t b = ((p >> 60) << 63) | (top << 59) | (p & ((<uint64_t>1 << 59) - 1))
+    cdef double f
+    memcpy(&f, &b, 8)
+    return f
+
+
 @cython.final
 cdef class Encoded:
     """One encoded closure: a local buffer plus large buffers that are copied
@@ -434,14 +447,20 @@ cdef class Encoded:
     cdef list big         # [(record offset, buffer-owning object, nbytes)]
     cdef Py_ssize_t local_end
     cdef readonly Py_ssize_t nbytes
+
+    @property
+    def memoized(self) -> int:
+        """How many objects were remembered as possibly shared."""
+        return self.memo.n
     cdef int depth
+    cdef bint memo_next   # set by ref(), consumed by the next start()
 
     def __cinit__(self):
         self.cap = 4096
         self.buf = <char*>malloc(self.cap)
         if self.buf == NULL:
             raise MemoryError()
-        map_init(&self.memo, 1024)
+        map_init(&self.memo, 64)
         self.keep = []
         self.big = []
 
@@ -473,12 +492,14 @@ cdef class Encoded:
         return <uint64_t*>(self.buf + off + 16)
 
     cdef Py_ssize_t start(self, object obj, uint32_t kind, uint64_t length, Py_ssize_t body,
-                          bint memo=True, Py_ssize_t align=8) except -1:
+                          Py_ssize_t align=8) except -1:
+        """Reserves a record; memoizes obj if ref() found it may be met again."""
         cdef Py_ssize_t off = self.reserve(16 + body, align)
         cdef rec_t* r = self.rec(off)
         r.type = kind
         r.len = length
-        if memo and Py_REFCNT(obj) > 2:
+        if self.memo_next:
+            self.memo_next = False
             map_put(&self.memo, <uint64_t><uintptr_t><PyObject*>obj, off)
         return off
 
@@ -498,9 +519,12 @@ cdef class Encoded:
                 return (<uint64_t>v << 3) | TAG_INT
         elif t is float:
             return self.enc_float(obj)
-        # An object referenced only by its parent and by the caller's loop
-        # variable (refcount 2) cannot be met again: it skips the memo.
-        hit = map_get(&self.memo, <uint64_t><uintptr_t><PyObject*>obj) if Py_REFCNT(obj) > 2 else NULL
+        # An object referenced only by its parent container and by the
+        # caller's loop variable (refcount 2, measured here: the enc_* calls
+        # below add temporaries) cannot be met again: it skips the memo.  The
+        # root is always memoized (a cycle back to it may hold only one ref).
+        cdef bint many = Py_REFCNT(obj) > 2 or self.depth == 0
+        hit = map_get(&self.memo, <uint64_t><uintptr_t><PyObject*>obj) if many else NULL
         if hit != NULL:
             r = self.rec(hit[0])
             r.flags |= F_SHARED
@@ -510,6 +534,7 @@ cdef class Encoded:
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise _PathError(f"nesting deeper than {MAX_DEPTH} levels")
+        self.memo_next = many
         off = self.enc_new(obj, t)
         self.depth -= 1
         return off
@@ -544,7 +569,10 @@ cdef class Encoded:
         raise _PathError(_unshareable(obj))
 
     cdef uint64_t enc_float(self, double f) except? 7:
-        cdef Py_ssize_t off = self.start(None, T_FLOAT, 0, 8, False)
+        cdef uint64_t packed = pack_float(f)
+        if packed:
+            return packed
+        cdef Py_ssize_t off = self.start(None, T_FLOAT, 0, 8)
         memcpy(self.words(off), &f, 8)
         return off
 
@@ -742,6 +770,7 @@ cdef class Encoded:
         if not ok or cap == 0:
             r.flags |= F_NOINDEX
             return 0
+        cdef Py_ssize_t i
         for i in range(n):
             slot = entries[width * i] & mask
             while index[slot]:
@@ -1098,6 +1127,8 @@ cdef object decode_view(Snapshot s, uint64_t ref):
     cdef const rec_t* r
     if tag == TAG_INT:
         return <int64_t>ref >> 3
+    if tag == TAG_FLOAT:
+        return unpack_float(ref)
     if tag == TAG_CONST:
         if ref == TAG_CONST:
             return None
@@ -1666,7 +1697,7 @@ cdef class _Copier:
             _rec_array(self.s, ref, 1, 0)
             return self.build_tuple(ref, r)
         if t == T_DICT:
-            d = {}
+            d = {}   # not _PyDict_NewPresized: it makes a generic-keys dict, slower for str keys
             if shared:
                 self.remember(ref, d)
             self.fill_dict(ref, r, d, None)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import struct
 import uuid
 from collections.abc import Mapping, Sequence, Set
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from pyshm._codec import encode, stable_hash_of
 
 hashable_atoms = (
     st.none() | st.booleans() | st.integers() | st.integers(min_value=-2**200, max_value=2**200)
@@ -95,3 +98,43 @@ def test_special_values(heap):
     with heap.map("x") as view:
         assert view == x
         assert view["surrogate"] == "\ud800x"
+
+
+def bits(f: float) -> bytes:
+    return struct.pack("<d", f)
+
+
+@SETTINGS
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True), max_size=30))
+def test_floats_come_back_bit_for_bit(heap, xs):
+    """Floats are stored inline when their exponent allows, else as records:
+    either way -0.0, subnormals, infinities and NaN payloads survive."""
+    xs = xs + [0.0, -0.0, 2.0**-127, 2.0**-128, 2.0**127, 2.0**128, -(2.0**128), 5e-324, 1.7e308]
+    heap.put("f", xs)
+    assert [bits(f) for f in heap.get("f")] == [bits(f) for f in xs]
+    with heap.map("f") as view:
+        assert [bits(f) for f in view] == [bits(f) for f in xs]
+
+
+def test_keys_of_every_length_look_up(heap):
+    """The stable hash reads short keys as overlapping words and long ones
+    16 bytes at a time: keys of 0..80 bytes, differing only in one byte,
+    all hash apart and look up."""
+    keys = [("k" * n)[:max(0, n - 1)] + chr(48 + n % 40) if n else "" for n in range(81)]
+    keys += [b"\x00" * n for n in range(40)]
+    d = {k: i for i, k in enumerate(keys)}
+    assert len({stable_hash_of(k) for k in keys}) == len(keys)
+    heap.put("d", d)
+    with heap.map("d") as view:
+        for k, i in d.items():
+            assert view[k] == i
+        assert "k" * 100 not in view
+
+
+def test_only_objects_reachable_twice_are_memoized():
+    """An object held only by its container can be neither shared nor in a
+    cycle, so the encoder does not remember it; one held twice it does."""
+    distinct = [f"s{i}" for i in range(1000)] + [[i] for i in range(100)]
+    assert encode(distinct).memoized == 1  # the root only
+    shared = [1.5]
+    assert encode([shared, shared, {1: shared}]).memoized == 2  # root + shared
