@@ -243,12 +243,11 @@ def bench_put_get(heap, items_1m: dict) -> None:
     put, dumps, get, loads = t["put"], t["dumps"], t["get"], t["loads"]
     flat = np.random.default_rng(1).integers(0, 255, size=256 << 20, dtype=np.uint8)
     raw = flat.tobytes()
-    put_np = per_call(lambda: heap.put("flat", flat), 5)
-    put_bytes = per_call(lambda: heap.put("flat", raw), 5)
-    heap.delete("flat")
     dst = np.empty_like(flat)
-    memcpy_warm = per_call(lambda: np.copyto(dst, flat), 5)
-    memcpy_cold = per_call(lambda: np.array(flat, copy=True), 5)
+    t = side_by_side({"np": lambda: heap.put("flat", flat), "cold": lambda: np.array(flat, copy=True),
+                      "bytes": lambda: heap.put("flat", raw), "warm": lambda: np.copyto(dst, flat)}, 7)
+    put_np, memcpy_cold, put_bytes, memcpy_warm = t["np"], t["cold"], t["bytes"], t["warm"]
+    heap.delete("flat")
     gb = len(raw) / 1e9
     rows = [
         [f"put {len(items_1m):,}-entry dict", fmt(put), "pickle.dumps", fmt(dumps), f"{dumps / put:.3g}x"],

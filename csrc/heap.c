@@ -311,6 +311,22 @@ int pyshm_heap_abandon(pyshm_heap_t *h, uint64_t blob) {
     return rc;
 }
 
+int pyshm_heap_adopt(pyshm_heap_t *h, uint64_t blob, int64_t pid, uint64_t start) {
+    int rc = heap_lock(h);
+    if (rc) return rc;
+    blob_t *b = heap_blob(h, blob);
+    /* Only the blob that process is building: if it died and a repair freed
+     * the block, it may since hold another process's blob. */
+    if (b && b->state == BLOB_BUILDING && b->creator_pid == pid && b->creator_start == start) {
+        b->creator_pid = h->pid;
+        b->creator_start = h->start;
+    } else {
+        rc = PYSHM_ERR_STATE;
+    }
+    heap_unlock(h);
+    return rc;
+}
+
 /* The old version leaves: obsolete, and freed unless someone pins it.
  * give_back: its pages go back to the OS (delete) or stay warm for the
  * next version (replace). */

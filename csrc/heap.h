@@ -67,6 +67,10 @@ int64_t pyshm_heap_slot(pyshm_heap_t *h);
 
 int pyshm_heap_alloc(pyshm_heap_t *h, uint64_t length, pyshm_pin_info_t *out);
 int pyshm_heap_abandon(pyshm_heap_t *h, uint64_t blob);
+/* Takes over a BUILDING blob from the live or dead process (pid, start)
+ * that allocated it: its memory is then freed with this process, not that
+ * one (a worker hands a large response to the manager this way). */
+int pyshm_heap_adopt(pyshm_heap_t *h, uint64_t blob, int64_t pid, uint64_t start);
 void pyshm_heap_prefault(pyshm_heap_t *h, uint64_t off, uint64_t len);
 int pyshm_heap_publish(pyshm_heap_t *h, const char *name, size_t name_len, uint64_t blob,
                        uint64_t *version);

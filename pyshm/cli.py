@@ -50,7 +50,40 @@ def _clean(args: argparse.Namespace) -> int:
     return 0
 
 
+CLIENT = ("python3 -c \"import socket,struct,sys; s=socket.create_connection(('127.0.0.1',{port})); "
+          "q=sys.argv[1].encode(); s.sendall(struct.pack('>I',len(q))+q); "
+          "n=struct.unpack('>I',s.recv(4))[0]; print(s.recv(n & 0x7fffffff).decode())\" {query}")
+
+
 def _demo(args: argparse.Namespace) -> int:
+    """A demo instance: the catalog app of pyshm.demo_app on 127.0.0.1."""
+    import asyncio
+
+    from pyshm import config as cfgmod
+    from pyshm.manager import ConnectionManager
+
+    cfg = cfgmod.from_dict({
+        "instance": {"name": f"demo-{args.port}", "preload": "pyshm.demo_app:setup", "heap_size": "1GiB"},
+        "suites": {"catalog": {"app": "pyshm.demo_app:handle", "workers": args.workers}},
+        "listen": [{"frontend": "tcp", "address": f"127.0.0.1:{args.port}", "suite": "catalog"}]})
+    manager = ConnectionManager(cfg)
+
+    async def main() -> int:
+        server = asyncio.create_task(manager.run())
+        ready = asyncio.create_task(manager.ready.wait())
+        await asyncio.wait([server, ready], return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            print(f"pyshm demo: a catalog of {200_000:,} products put once into shared memory, mapped by "
+                  f"{args.workers} workers; raw TCP frames on 127.0.0.1:{args.port}\n"
+                  f"  ask for a product:  {CLIENT.format(port=args.port, query='sku-0000042')}\n"
+                  f"  ask who answered:   {CLIENT.format(port=args.port, query='stats')}\n"
+                  f"  Ctrl-C stops it (answers what is in flight first).", flush=True)
+        return await server
+
+    return asyncio.run(main())
+
+
+def _demo_heap(args: argparse.Namespace) -> int:
     from pyshm import demo
 
     return demo.run(items=args.items, workers=args.workers)
@@ -62,20 +95,62 @@ def _demo_worker(args: argparse.Namespace) -> int:
     return demo.worker(args.heap, args.closure)
 
 
+def _serve_config(args: argparse.Namespace):
+    from pyshm import config as cfgmod
+
+    if args.config:
+        if args.app or args.tcp:
+            raise cfgmod.ConfigError("give either -c FILE or an app with --tcp, not both")
+        return cfgmod.load(args.config)
+    if not args.app or not args.tcp:
+        raise cfgmod.ConfigError("pyshm serve needs -c pyshm.toml, or an app and a listener: "
+                                 "pyshm serve app:handle --tcp 127.0.0.1:7000")
+    data = {"instance": {}, "suites": {"main": {"app": args.app, "workers": args.workers}},
+            "listen": [{"frontend": "tcp", "address": a, "suite": "main"} for a in args.tcp]}
+    if args.name:
+        data["instance"]["name"] = args.name
+    if args.preload:
+        data["instance"]["preload"] = args.preload
+    return cfgmod.from_dict(data)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pyshm.manager import ConnectionManager
+
+    config = _serve_config(args)
+    return asyncio.run(ConnectionManager(config).run())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyshm", description="pyshm: a shared-memory Python server")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="put a large closure, map it from several processes")
+    p = sub.add_parser("demo", help="serve the example catalog application on 127.0.0.1")
+    p.add_argument("--port", type=int, default=7000)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("demo-heap", help="put a large closure, map it from several processes, show memory")
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--workers", type=int, default=4)
-    p.set_defaults(fn=_demo)
+    p.set_defaults(fn=_demo_heap)
 
     p = sub.add_parser("demo-worker", help=argparse.SUPPRESS)
     p.add_argument("heap")
     p.add_argument("closure")
     p.set_defaults(fn=_demo_worker)
+
+    p = sub.add_parser("serve", help="run an instance: connection manager, suites of workers")
+    p.add_argument("app", nargs="?", help="module:function handling raw TCP frames")
+    p.add_argument("-c", "--config", help="a pyshm.toml")
+    p.add_argument("--tcp", action="append", metavar="HOST:PORT", help="a raw-frame listener (repeatable)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--name", help="instance name (segments /dev/shm/pyshm.NAME*)")
+    p.add_argument("--preload", metavar="module:function", help="called once with the heap before workers start")
+    p.set_defaults(fn=_serve)
 
     heap = sub.add_parser("heap", help="inspect a shared closure heap")
     heap_sub = heap.add_subparsers(dest="heap_command", required=True)

@@ -136,6 +136,7 @@ class SharedHeap:
         self.name = name
         self._native: _Native | None = native
         self._fault = 0
+        self._seg_size: int | None = None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -295,6 +296,44 @@ class SharedHeap:
                 _raise(rc, "list names")
             if rc:
                 yield ffi.string(buf).decode(), int(version[0]), int(length[0])
+
+    # -- raw buffers (request/response payloads too large for a slot) -------------
+
+    def alloc_buffer(self, nbytes: int) -> tuple[int, int, memoryview]:
+        """An unnamed BUILDING blob of nbytes: (blob, data offset, writable
+        view).  Freed by free_buffer(), or by a reclaim once its owner died."""
+        h = self._h()
+        info = ffi.new("pyshm_pin_info_t *")
+        rc = lib.pyshm_heap_alloc(h, nbytes, info)
+        if rc == -5:
+            raise HeapFull(f"heap {self.name!r} has no free block of {format_size(nbytes)} for a payload")
+        if rc:
+            _raise(rc, "alloc buffer")
+        return int(info.blob), int(info.data), ffi.buffer(ffi.cast("char *", self._native.rw + info.data), nbytes)
+
+    def buffer_at(self, data: int, nbytes: int) -> memoryview:
+        """A read-only view of nbytes at data offset `data` (bounds checked)."""
+        native = self._native
+        if native is None:
+            raise PyshmError(f"heap {self.name!r} is closed")
+        if data < 0 or nbytes < 0 or data + nbytes > self._size():
+            raise HeapCorrupt(f"heap {self.name!r}: payload at {data}+{nbytes} is outside the segment")
+        return memoryview(ffi.buffer(ffi.cast("char *", native.ro + data), nbytes)).toreadonly()
+
+    def adopt_buffer(self, blob: int, pid: int, start: int) -> bool:
+        """Takes over a buffer allocated by process (pid, start); False if
+        it is gone (its owner died and a reclaim freed it)."""
+        return lib.pyshm_heap_adopt(self._h(), blob, pid, start) == 0
+
+    def free_buffer(self, blob: int) -> None:
+        rc = lib.pyshm_heap_abandon(self._h(), blob)
+        if rc:
+            _raise(rc, "free buffer")
+
+    def _size(self) -> int:
+        if self._seg_size is None:
+            self._seg_size = self.stats().size
+        return self._seg_size
 
     # -- maintenance ---------------------------------------------------------------
 

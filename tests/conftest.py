@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from pyshm import SegmentNotFound, SharedHeap
 from pyshm.heap import unlink
 
@@ -77,3 +79,23 @@ def no_leaked_segments():
     for f in left:
         unlink(f[len("pyshm."):])
     assert not left, f"tests left shared-memory segments behind: {left}"
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """serve(toml_body, port) starts a real instance named test-<pid>-<n>;
+    every one is stopped by pid when the test ends."""
+    from server_util import Server
+
+    servers = []
+
+    def start(body: str, port: int, *, verbose: bool = False) -> Server:
+        name = f"{_prefix()}{next(_names)}"
+        srv = Server(tmp_path, name, f'[instance]\nname = "{name}"\n' + body, verbose=verbose)
+        servers.append(srv)
+        srv.wait_listening(port)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.stop()

@@ -1,0 +1,214 @@
+"""Instance configuration: `pyshm serve -c pyshm.toml`, or the same from flags.
+
+    [instance]
+    name = "shop"              # segments /dev/shm/pyshm.shop*, default "pyshm-<port>"
+    heap_size = "1GiB"
+    slots = 1024               # requests in flight at once
+    inline_size = "64KiB"      # payloads up to this size stay in their slot
+    graceful_timeout = 30      # seconds SIGTERM waits for requests in flight
+    queue_timeout = 10         # seconds a request waits for a free worker
+    preload = "app:setup"      # called once in the manager with the heap, before workers start
+
+    [suites.catalog]
+    app = "app:handle"         # module:attribute, imported by each worker
+    workers = 4
+    policy = "least-loaded"    # or "round-robin"
+
+    [[listen]]
+    frontend = "tcp"
+    address = "127.0.0.1:7000"
+    suite = "catalog"          # where requests go when no route matches
+    routes = [{ prefix = "admin:", suite = "admin" }]
+    max_frame = "16MiB"        # any other key is a front-end option
+
+Every error names the key it is about (ConfigError).
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyshm.errors import PyshmError
+from pyshm.sizes import parse_size
+
+POLICIES = ("least-loaded", "round-robin")
+
+
+class ConfigError(PyshmError, ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass
+class SuiteConfig:
+    name: str
+    app: str
+    workers: int = 2
+    policy: str = "least-loaded"
+
+
+@dataclass
+class Route:
+    prefix: bytes
+    suite: str
+
+
+@dataclass
+class ListenConfig:
+    frontend: str
+    host: str
+    port: int
+    suite: str
+    routes: list[Route] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def suite_for(self, route: bytes) -> str:
+        for r in self.routes:
+            if route.startswith(r.prefix):
+                return r.suite
+        return self.suite
+
+
+@dataclass
+class Config:
+    name: str
+    suites: dict[str, SuiteConfig]
+    listen: list[ListenConfig]
+    heap_size: int = 1 << 30
+    slots: int = 1024
+    inline_size: int = 64 << 10
+    graceful_timeout: float = 30.0
+    queue_timeout: float = 10.0
+    preload: str | None = None
+    max_workers: int = 64
+
+
+def _need(table: dict, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in table:
+        raise ConfigError(f"{where}.{key} is missing")
+    return _typed(table[key], f"{where}.{key}", kind)
+
+
+def _typed(value: Any, where: str, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where} must be a {names}, not {value!r}")
+    return value
+
+
+def _size(value: Any, where: str) -> int:
+    try:
+        return parse_size(_typed(value, where, (int, str)))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_address(value: str, where: str) -> tuple[str, int]:
+    host, sep, port = _typed(value, where, str).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{where} must look like 127.0.0.1:7000 or [::1]:7000, not {value!r}")
+    return host, int(port)
+
+
+def _app(value: Any, where: str) -> str:
+    mod, sep, attr = _typed(value, where, str).partition(":")
+    if not sep or not mod or not attr:
+        raise ConfigError(f"{where} must be module:attribute (e.g. myapp:handle), not {value!r}")
+    return value
+
+
+def _suite(name: str, t: Any) -> SuiteConfig:
+    where = f"suites.{name}"
+    _typed(t, where, dict)
+    unknown = set(t) - {"app", "workers", "policy"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]} is not a suite setting (app, workers, policy)")
+    s = SuiteConfig(name, _app(t.get("app"), f"{where}.app"))
+    if "workers" in t:
+        s.workers = _typed(t["workers"], f"{where}.workers", int)
+        if not 1 <= s.workers <= 1024:
+            raise ConfigError(f"{where}.workers must be 1 to 1024, not {s.workers}")
+    if "policy" in t:
+        s.policy = _typed(t["policy"], f"{where}.policy", str)
+        if s.policy not in POLICIES:
+            raise ConfigError(f"{where}.policy must be one of {', '.join(POLICIES)}, not {s.policy!r}")
+    return s
+
+
+def _listen(i: int, t: Any, suites: dict[str, SuiteConfig]) -> ListenConfig:
+    where = f"listen[{i}]"
+    _typed(t, where, dict)
+    t = dict(t)
+    frontend = _need(t, "frontend", where, str)
+    host, port = parse_address(_need(t, "address", where, str), f"{where}.address")
+    suite = _need(t, "suite", where, str)
+    if suite not in suites:
+        raise ConfigError(f"{where}.suite names {suite!r}, which is not among the suites "
+                          f"({', '.join(suites) or 'none defined'})")
+    routes = []
+    for j, r in enumerate(_typed(t.get("routes", []), f"{where}.routes", list)):
+        rw = f"{where}.routes[{j}]"
+        _typed(r, rw, dict)
+        prefix = _need(r, "prefix", rw, str)
+        target = _need(r, "suite", rw, str)
+        if target not in suites:
+            raise ConfigError(f"{rw}.suite names {target!r}, which is not among the suites")
+        routes.append(Route(prefix.encode(), target))
+    options = {k: v for k, v in t.items() if k not in ("frontend", "address", "suite", "routes")}
+    return ListenConfig(frontend, host, port, suite, routes, options)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    unknown = set(data) - {"instance", "suites", "listen"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]} is not a section (instance, suites, listen)")
+    inst = _typed(data.get("instance", {}), "instance", dict)
+    suites_t = _typed(data.get("suites", {}), "suites", dict)
+    if not suites_t:
+        raise ConfigError("suites is empty: define at least one [suites.NAME] with an app")
+    suites = {name: _suite(name, t) for name, t in suites_t.items()}
+    listen_t = _typed(data.get("listen", []), "listen", list)
+    if not listen_t:
+        raise ConfigError("listen is empty: add a [[listen]] with frontend, address and suite")
+    listen = [_listen(i, t, suites) for i, t in enumerate(listen_t)]
+    known = {"name", "heap_size", "slots", "inline_size", "graceful_timeout", "queue_timeout", "preload",
+             "max_workers"}
+    unknown = set(inst) - known
+    if unknown:
+        raise ConfigError(f"instance.{sorted(unknown)[0]} is not an instance setting ({', '.join(sorted(known))})")
+    cfg = Config(name=_typed(inst.get("name", f"pyshm-{listen[0].port}"), "instance.name", str),
+                 suites=suites, listen=listen)
+    if not cfg.name or "/" in cfg.name or len(cfg.name) > 100:
+        raise ConfigError(f"instance.name must be 1 to 100 characters without '/', not {cfg.name!r}")
+    if "heap_size" in inst:
+        cfg.heap_size = _size(inst["heap_size"], "instance.heap_size")
+    if "inline_size" in inst:
+        cfg.inline_size = _size(inst["inline_size"], "instance.inline_size")
+    for key in ("slots", "max_workers"):
+        if key in inst:
+            setattr(cfg, key, _typed(inst[key], f"instance.{key}", int))
+            if getattr(cfg, key) < 1:
+                raise ConfigError(f"instance.{key} must be at least 1")
+    for key in ("graceful_timeout", "queue_timeout"):
+        if key in inst:
+            setattr(cfg, key, float(_typed(inst[key], f"instance.{key}", (int, float))))
+            if getattr(cfg, key) <= 0:
+                raise ConfigError(f"instance.{key} must be positive")
+    if "preload" in inst:
+        cfg.preload = _app(inst["preload"], "instance.preload")
+    total = sum(s.workers for s in suites.values())
+    if total > cfg.max_workers:
+        raise ConfigError(f"suites ask for {total} workers but instance.max_workers is {cfg.max_workers}")
+    return cfg
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    return from_dict(data)

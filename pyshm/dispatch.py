@@ -1,0 +1,54 @@
+"""One dispatcher per suite: picks the worker a request goes to.
+
+Policies: least-loaded (default: the worker with the fewest requests in
+flight, ties broken in turn) and round-robin.  A request bound to a worker
+(a distributed session) goes to that worker."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from pyshm.config import SuiteConfig
+
+
+@dataclass
+class WorkerRef:
+    """A worker as the manager sees it."""
+    index: int          # its worker index in the request memory
+    gen: int            # generation of that index
+    pid: int
+    start: int
+    suite: str
+    inflight: int = 0
+    served: int = 0
+    draining: bool = False   # takes no new requests (being replaced or stopped)
+
+
+class Dispatcher:
+    def __init__(self, suite: SuiteConfig) -> None:
+        self.suite = suite
+        self.workers: dict[int, WorkerRef] = {}
+        self._turn = itertools.count()
+
+    def add(self, w: WorkerRef) -> None:
+        self.workers[w.index] = w
+
+    def remove(self, index: int) -> WorkerRef | None:
+        return self.workers.pop(index, None)
+
+    def available(self) -> list[WorkerRef]:
+        return [w for w in self.workers.values() if not w.draining]
+
+    def pick(self, bound: int | None = None) -> WorkerRef | None:
+        """The worker for the next request, or None when none can take it."""
+        if bound is not None:
+            w = self.workers.get(bound)
+            return w if w is not None and not w.draining else None
+        ready = self.available()
+        if not ready:
+            return None
+        turn = next(self._turn)
+        if self.suite.policy == "round-robin":
+            return ready[turn % len(ready)]
+        n = len(ready)
+        return min((ready[(turn + i) % n] for i in range(n)), key=lambda w: w.inflight)

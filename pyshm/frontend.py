@@ -1,0 +1,103 @@
+"""The front-end plugin interface.
+
+A front-end is a sans-IO protocol object, one per client connection: bytes
+in, events out (`receive`), and for each answered request the bytes to send
+(`response`).  It never touches a socket; `pyshm.transport.Connection` drives
+every front-end over asyncio the same way.
+
+Front-ends are found through the entry-point group ``pyshm.frontends``; the
+built-in ones in ``frontends/`` register there exactly as a third party's
+would::
+
+    [project.entry-points."pyshm.frontends"]
+    lines = "mypkg.lines:LineFrontEnd"
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Union
+
+log = logging.getLogger(__name__)
+
+GROUP = "pyshm.frontends"
+
+
+@dataclass
+class Request:
+    """A complete request a front-end parsed.
+
+    route: what routing rules match against (a path, a method name, the
+    first bytes of a frame).  meta: anything the front-end wants back in
+    response() (e.g. the HTTP version)."""
+    payload: bytes
+    route: bytes = b""
+    session: bytes | None = None
+    meta: Any = None
+
+
+@dataclass
+class ProtocolError:
+    """The input is bad: send `reply` after the responses already due, then
+    close the connection.  Nothing more is read."""
+    message: str
+    reply: bytes = b""
+
+
+Event = Union[Request, ProtocolError]
+
+
+class FrontEnd:
+    """Base class of front-ends.  Subclasses set `name` and `defaults` (the
+    options a listener may override) and implement receive() and
+    response()."""
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: True: responses go out in request order (the transport holds back
+    #: early ones); False: as they complete (a protocol with request ids).
+    ordered: ClassVar[bool] = True
+
+    def __init__(self, **options: Any) -> None:
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"front-end {self.name!r} has no option {sorted(unknown)[0]!r} "
+                             f"(it knows {sorted(self.defaults) or 'none'})")
+        self.options = {**self.defaults, **options}
+
+    def receive(self, data: bytes) -> list[Event]:
+        """Feeds bytes from the client; returns the events they complete."""
+        raise NotImplementedError
+
+    def eof(self) -> list[Event]:
+        """The client closed its side.  Default: nothing more to do."""
+        return []
+
+    def response(self, request: Request, body: bytes, *, error: bool) -> bytes:
+        """The bytes that answer `request`: its body, or an error message."""
+        raise NotImplementedError
+
+
+@dataclass
+class Registry:
+    """Front-end classes by name, loaded from the entry points."""
+    classes: dict[str, type[FrontEnd]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls) -> Registry:
+        reg = cls()
+        for ep in entry_points(group=GROUP):
+            try:
+                fe = ep.load()
+            except Exception as e:  # a broken third-party plugin must not stop the server
+                log.error("front-end entry point %s (%s) failed to load: %s", ep.name, ep.value, e)
+                continue
+            reg.classes[ep.name] = fe
+        return reg
+
+    def get(self, name: str) -> type[FrontEnd]:
+        try:
+            return self.classes[name]
+        except KeyError:
+            raise ValueError(f"no front-end named {name!r} (installed: {', '.join(sorted(self.classes))}); "
+                             f"front-ends register in the entry-point group {GROUP!r}") from None

@@ -1,0 +1,318 @@
+"""The connection manager: one asyncio process per instance.
+
+It hosts the listeners (one front-end each, driven by pyshm.transport),
+turns each request into a slot of the request memory, asks the suite's
+dispatcher for a worker, submits the slot to that worker's ring, and, woken
+through an eventfd in its loop, drains the completion rings and hands the
+responses back to the connections.  It never blocks.  pyshm.supervisor,
+running in this process, tells it when workers join and leave.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pyshm.config import Config
+from pyshm.dispatch import Dispatcher, WorkerRef
+from pyshm.errors import HeapFull, PyshmError
+from pyshm.frontend import Registry, Request
+from pyshm.heap import SharedHeap
+from pyshm.reqmem import DONE, QUEUED, RUNNING, RequestMemory, segment_name
+from pyshm.supervisor import Supervisor
+from pyshm.transport import Connection
+
+log = logging.getLogger(__name__)
+
+Reply = Callable[[bytes, bool], None]
+
+
+@dataclass
+class Pending:
+    """A request between its arrival and its response."""
+    suite: str
+    request: Request
+    peer: bytes
+    reply: Reply
+    arrived: float
+    seq: int
+    slot: int = -1               # -1 until it has a slot
+    blob: int = 0                # heap blob of a payload too large for the slot
+    data: int = 0
+    worker: WorkerRef | None = None
+    answered: bool = field(default=False)
+
+
+class ConnectionManager:
+    def __init__(self, config: Config, registry: Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry or Registry.load()
+        for ls in config.listen:
+            self.registry.get(ls.frontend)  # fails now, naming the front-end, not at the first client
+        self.dispatchers = {name: Dispatcher(s) for name, s in config.suites.items()}
+        self.pending: dict[int, Pending] = {}          # by slot
+        self.backlog: collections.deque[Pending] = collections.deque()
+        self.workers: dict[int, WorkerRef] = {}        # by worker index
+        self.connections: set[Connection] = set()
+        self.servers: list[asyncio.base_events.Server] = []
+        self.heap: SharedHeap | None = None
+        self.rm: RequestMemory | None = None
+        self.wake_fd = -1
+        self.free_slots: list[int] = []
+        self._seq = 0
+        self.stopping = False
+        self.supervisor = Supervisor(self)
+        self.served = 0
+        self.ready = asyncio.Event()
+
+    # -- life cycle -----------------------------------------------------------
+
+    def open_segments(self) -> None:
+        cfg = self.config
+        self.heap = SharedHeap.create(cfg.name, cfg.heap_size)
+        try:
+            self.rm = RequestMemory.create(segment_name(cfg.name), slots=cfg.slots, workers=cfg.max_workers,
+                                           inline_size=cfg.inline_size)
+        except BaseException:
+            self.heap.unlink()
+            raise
+        self.free_slots = list(range(self.rm.n_slots - 1, -1, -1))
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def close_segments(self) -> None:
+        if self.rm is not None:
+            self.rm.unlink()
+            self.rm.close()
+            self.rm = None
+        if self.heap is not None:
+            self.heap.unlink()
+            self.heap.close()
+            self.heap = None
+        if self.wake_fd >= 0:
+            os.close(self.wake_fd)
+            self.wake_fd = -1
+
+    async def run(self) -> int:
+        """Serves until SIGTERM/SIGINT; returns the exit status."""
+        loop = asyncio.get_running_loop()
+        self.open_segments()
+        try:
+            if self.config.preload:
+                self._preload(self.config.preload)
+            loop.add_reader(self.wake_fd, self.on_wake)
+            self.rm.arm()
+            await self.supervisor.start()
+            for ls in self.config.listen:
+                fe = self.registry.get(ls.frontend)
+                server = await loop.create_server(lambda ls=ls, fe=fe: Connection(self, ls, fe), ls.host, ls.port,
+                                                  reuse_address=True)
+                self.servers.append(server)
+                log.info("%s front-end on %s:%d -> suite %s", ls.frontend, ls.host, ls.port, ls.suite)
+            stop = asyncio.Event()
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self.supervisor.reload)
+            timer = loop.create_task(self._expire_backlog())
+            self.ready.set()
+            await stop.wait()
+            timer.cancel()
+            await self.shutdown()
+            return 0
+        finally:
+            self.supervisor.kill_all()
+            if self.wake_fd >= 0:
+                loop.remove_reader(self.wake_fd)
+            self.close_segments()
+
+    def _preload(self, spec: str) -> None:
+        mod, _, attr = spec.partition(":")
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        fn = getattr(importlib.import_module(mod), attr)
+        fn(self.heap)
+
+    async def shutdown(self) -> None:
+        """Stops accepting, answers what is in flight (bounded by
+        graceful_timeout), then stops the workers."""
+        self.stopping = True
+        for server in self.servers:
+            server.close()
+        deadline = time.monotonic() + self.config.graceful_timeout
+        while (self.pending or self.backlog) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for p in list(self.pending.values()) + list(self.backlog):
+            self._answer(p, b"server shutting down", True)
+        for conn in list(self.connections):
+            conn.shutdown()
+        await self.supervisor.stop_all()
+        while self.connections and time.monotonic() < deadline + 2:
+            await asyncio.sleep(0.02)
+
+    # -- the request path ------------------------------------------------------------
+
+    def submit(self, suite: str, request: Request, peer: bytes, reply: Reply) -> None:
+        """Called by a connection for each request; `reply(body, error)` is
+        called exactly once."""
+        self._seq += 1
+        p = Pending(suite, request, peer, reply, time.monotonic(), self._seq)
+        if self.backlog:
+            self.backlog.append(p)
+            self.pump()
+        elif not self._place(p):
+            self.backlog.append(p)
+
+    def _place(self, p: Pending) -> bool:
+        """Gives p a slot and a worker; False when it must wait for either."""
+        rm = self.rm
+        worker = self.dispatchers[p.suite].pick()
+        if worker is None or (p.slot < 0 and not self.free_slots):
+            return False
+        if p.slot < 0:
+            try:
+                self._write_payload(p)
+            except HeapFull as e:
+                self._answer(p, f"request too large for the server's memory: {e}".encode(), True)
+                return True
+        rm.submit(worker.index, p.slot, p.seq, len(p.request.payload), blob=p.blob, data=p.data,
+                  session=p.request.session, peer=p.peer)
+        p.worker = worker
+        worker.inflight += 1
+        return True
+
+    def _write_payload(self, p: Pending) -> None:
+        payload = p.request.payload
+        n = len(payload)
+        if n > self.rm.inline_size:
+            p.blob, p.data, buf = self.heap.alloc_buffer(n)
+            buf[:n] = payload
+        p.slot = self.free_slots.pop()
+        self.pending[p.slot] = p
+        if not p.blob:
+            off = self.rm.request_area(p.slot)
+            off[:n] = payload
+
+    def pump(self) -> None:
+        """Places waiting requests, oldest first, while slots and workers allow."""
+        kept: collections.deque[Pending] = collections.deque()
+        while self.backlog:
+            p = self.backlog.popleft()
+            if not self._place(p):
+                kept.append(p)
+        self.backlog = kept
+
+    async def _expire_backlog(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            limit = self.config.queue_timeout
+            while self.backlog and now - self.backlog[0].arrived > limit:
+                p = self.backlog.popleft()
+                self._answer(p, f"no worker of suite {p.suite!r} available within {limit:g} s".encode(), True)
+
+    def on_wake(self) -> None:
+        """The eventfd fired: drain every completion ring, re-arm, drain again
+        (a worker that saw the manager unarmed did not write the eventfd)."""
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass
+        self.drain_all()
+        self.rm.arm()
+        self.drain_all()
+        if self.backlog:
+            self.pump()
+
+    def drain_all(self) -> None:
+        for w in list(self.workers.values()):
+            for slot in self.rm.drain(w.index):
+                self.complete(slot)
+
+    def complete(self, slot: int) -> None:
+        """Slot `slot` is DONE: send its response and free it."""
+        p = self.pending.get(slot)
+        if p is None or p.answered:
+            return
+        state, _, info = self.rm.slot_info(slot)
+        if state != DONE:
+            log.error("slot %d completed in state %d; answering with an error", slot, state)
+            self._answer(p, b"internal error: response lost", True)
+            return
+        error = bool(info.flags & 1)
+        if info.resp_blob:
+            w = p.worker
+            if w is None or not self.heap.adopt_buffer(info.resp_blob, w.pid, w.start):
+                self._answer(p, b"worker died before its response could be read", True)
+                return
+            view = self.heap.buffer_at(info.resp_data, info.resp_len)
+            body = bytes(view)
+            view.release()
+            self.heap.free_buffer(info.resp_blob)
+        else:
+            body = bytes(self.rm.buf[info.resp_data:info.resp_data + info.resp_len])
+        if p.worker is not None:
+            p.worker.served += 1
+        self.served += 1
+        self._answer(p, body, error)
+
+    def _answer(self, p: Pending, body: bytes, error: bool) -> None:
+        """The one place a request ends: its slot and payload are freed."""
+        if p.answered:
+            return
+        p.answered = True
+        if p.worker is not None:
+            p.worker.inflight -= 1
+            self.supervisor.worker_idle(p.worker)
+        if p.slot >= 0:
+            self.rm.release(p.slot)
+            del self.pending[p.slot]
+            self.free_slots.append(p.slot)
+        if p.blob:
+            self.heap.free_buffer(p.blob)
+        try:
+            p.reply(body, error)
+        except Exception:
+            log.exception("sending a response failed")
+        if self.backlog:
+            self.pump()
+
+    # -- workers join and leave (called by the supervisor) ---------------------------------
+
+    def worker_joined(self, w: WorkerRef) -> None:
+        self.workers[w.index] = w
+        self.dispatchers[w.suite].add(w)
+        self.pump()
+
+    def worker_left(self, w: WorkerRef) -> None:
+        """Worker w is gone.  Pushed responses are delivered; of its other
+        requests, the not-yet-started go to another worker, the started get
+        an error response, the finished-but-not-pushed are delivered."""
+        for slot in self.rm.drain(w.index):
+            self.complete(slot)
+        self.rm.unbind_worker(w.index)
+        self.workers.pop(w.index, None)
+        self.dispatchers[w.suite].remove(w.index)
+        requeue = []
+        for p in [p for p in self.pending.values() if p.worker is w]:
+            state, _, _ = self.rm.slot_info(p.slot)
+            if state == DONE:
+                self.complete(p.slot)
+            elif state == QUEUED:
+                p.worker = None
+                w.inflight -= 1
+                requeue.append(p)
+            else:
+                why = "running" if state == RUNNING else f"in state {state}"
+                self._answer(p, f"worker {w.pid} died while the request was {why}".encode(), True)
+        self.backlog.extendleft(reversed(requeue))
+        try:
+            self.heap.reclaim()
+        except PyshmError:
+            log.exception("reclaiming the heap after worker %d died", w.pid)
+        self.pump()

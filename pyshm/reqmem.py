@@ -1,0 +1,189 @@
+"""Request/response memory: the slots and rings between the connection
+manager and its workers (csrc/reqmem.c).
+
+One segment per instance, /dev/shm/pyshm.<instance>.rr.  The manager owns
+free slots, writes a request into one and submits it to a worker's ring; the
+worker takes it (RUNNING), writes the response in place and completes it
+(DONE) onto its completion ring; the manager drains completion rings, sends
+the responses and releases the slots.  Payloads larger than a slot's inline
+area live in a blob of the instance's closure heap.
+
+A RequestMemory object reuses one C struct for its results: use it from one
+thread.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pyshm._native import ffi, lib
+from pyshm.errors import HeapCorrupt, PyshmError, SegmentExists, SegmentNotFound
+from pyshm.heap import _raise
+
+log = logging.getLogger(__name__)
+
+FREE, QUEUED, RUNNING, DONE = (lib.PYSHM_SLOT_FREE, lib.PYSHM_SLOT_QUEUED, lib.PYSHM_SLOT_RUNNING,
+                               lib.PYSHM_SLOT_DONE)
+STATE_NAMES = {FREE: "free", QUEUED: "queued", RUNNING: "running", DONE: "done"}
+RESP_ERROR = lib.PYSHM_RESP_ERROR
+
+
+class StaleWorker(PyshmError):
+    """This worker's index was given to another process (the manager thinks
+    it died): it must stop."""
+
+
+@dataclass
+class SlotInfo:
+    """A slot's request (and, once DONE, response) as one side sees it."""
+    slot: int
+    seq: int
+    flags: int
+    req_len: int
+    req_blob: int
+    req_data: int
+    resp_len: int
+    resp_blob: int
+    resp_data: int
+    session: bytes
+    peer: str
+
+
+def _info(c: Any) -> SlotInfo:
+    return SlotInfo(c.slot, c.seq, c.flags, c.req_len, c.req_blob, c.req_data, c.resp_len, c.resp_blob,
+                    c.resp_data, bytes(ffi.buffer(c.session, 16)), ffi.unpack(c.peer, c.peer_len).decode(
+                        "utf-8", "replace"))
+
+
+def segment_name(instance: str) -> str:
+    return f"{instance}.rr"
+
+
+class RequestMemory:
+    def __init__(self, name: str, ptr: Any) -> None:
+        self.name = name
+        self._ptr = ptr
+        self.n_slots = lib.pyshm_rm_n_slots(ptr)
+        self.n_workers = lib.pyshm_rm_n_workers(ptr)
+        self.inline_size = lib.pyshm_rm_inline_size(ptr)
+        self.size = lib.pyshm_rm_size(ptr)
+        self.buf = memoryview(ffi.buffer(ffi.cast("char *", lib.pyshm_rm_base(ptr)), self.size))
+        self._c = ffi.new("pyshm_slot_info_t *")
+        self._state = ffi.new("uint32_t[2]")
+        self._drained = ffi.new("uint32_t[]", self.n_slots)
+
+    @classmethod
+    def create(cls, name: str, *, slots: int = 1024, workers: int = 64,
+               inline_size: int = 64 * 1024) -> RequestMemory:
+        out = ffi.new("pyshm_reqmem_t **")
+        rc = lib.pyshm_rm_create(name.encode(), slots, workers, inline_size, out)
+        if rc == -12:
+            raise SegmentExists(f"request memory {name!r} exists: another instance of that name runs, "
+                                f"or a dead one left it (`pyshm clean`)")
+        if rc == -13:
+            raise ValueError(f"request memory {name!r}: slots (1..16M), workers (1..4096) and inline size "
+                             f"(up to 64 MiB) out of range: {slots}, {workers}, {inline_size}")
+        if rc:
+            _raise(rc, f"create request memory {name!r}")
+        return cls(name, out[0])
+
+    @classmethod
+    def attach(cls, name: str) -> RequestMemory:
+        out = ffi.new("pyshm_reqmem_t **")
+        rc = lib.pyshm_rm_attach(name.encode(), out)
+        if rc == -6:
+            raise SegmentNotFound(f"no request memory {name!r}: is the instance running?")
+        if rc == -7:
+            raise HeapCorrupt(f"request memory {name!r}: header fails its layout checks")
+        if rc:
+            _raise(rc, f"attach request memory {name!r}")
+        return cls(name, out[0])
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            self.buf.release()
+            lib.pyshm_rm_detach(self._ptr)
+            self._ptr = None
+
+    def unlink(self) -> None:
+        lib.pyshm_segment_unlink(self.name.encode())
+
+    # -- offsets -------------------------------------------------------------
+
+    def request_area(self, slot: int) -> memoryview:
+        off = lib.pyshm_rm_req_off(self._ptr, slot)
+        return self.buf[off:off + self.inline_size]
+
+    def response_area(self, slot: int) -> memoryview:
+        off = lib.pyshm_rm_resp_off(self._ptr, slot)
+        return self.buf[off:off + self.inline_size]
+
+    # -- manager side -----------------------------------------------------------
+
+    def bind_worker(self, w: int, pid: int, start: int) -> int:
+        gen = ffi.new("uint64_t *")
+        self._check(lib.pyshm_rm_bind_worker(self._ptr, w, pid, start, gen), "bind worker")
+        return int(gen[0])
+
+    def unbind_worker(self, w: int) -> None:
+        self._check(lib.pyshm_rm_unbind_worker(self._ptr, w), "unbind worker")
+
+    def submit(self, w: int, slot: int, seq: int, req_len: int, *, blob: int = 0, data: int = 0,
+               session: bytes | None = None, peer: bytes = b"") -> None:
+        rc = lib.pyshm_rm_submit(self._ptr, w, slot, seq, req_len, blob, data,
+                                 session if session else ffi.NULL, peer, len(peer))
+        if rc == -13:
+            raise ValueError(f"a request of {req_len} bytes does not fit the slot's {self.inline_size} "
+                             f"inline bytes; put it in a heap buffer")
+        self._check(rc, "submit")
+
+    def drain(self, w: int) -> list[int]:
+        n = lib.pyshm_rm_drain(self._ptr, w, self._drained, self.n_slots)
+        self._check(min(n, 0), "drain")
+        return list(self._drained[0:n])
+
+    def arm(self) -> None:
+        lib.pyshm_rm_arm(self._ptr)
+
+    def slot_info(self, slot: int) -> tuple[int, int, SlotInfo]:
+        """(state, worker, info) of a slot."""
+        self._check(lib.pyshm_rm_slot_info(self._ptr, slot, self._state, self._state + 1, self._c), "slot")
+        return int(self._state[0]), int(self._state[1]), _info(self._c)
+
+    def release(self, slot: int) -> None:
+        self._check(lib.pyshm_rm_release(self._ptr, slot), "release")
+
+    def states(self) -> dict[str, int]:
+        """How many slots are in each state."""
+        s = ffi.new("pyshm_reqmem_stats_t *")
+        self._check(lib.pyshm_rm_stats(self._ptr, s), "stats")
+        return {"free": s.free, "queued": s.queued, "running": s.running, "done": s.done}
+
+    # -- worker side ----------------------------------------------------------------
+
+    def take(self, w: int, gen: int, timeout_ms: int) -> SlotInfo | None:
+        """The next request for worker w (now RUNNING), or None after
+        timeout_ms without one.  Raises StaleWorker when w was rebound."""
+        rc = lib.pyshm_rm_take(self._ptr, w, gen, timeout_ms, self._c)
+        if rc == 1:
+            return _info(self._c)
+        if rc == -16:
+            raise StaleWorker(f"worker index {w} generation {gen} was rebound")
+        self._check(rc, "take")
+        return None
+
+    def complete(self, w: int, gen: int, slot: int, resp_len: int, *, blob: int = 0, data: int = 0,
+                 error: bool = False, wake_fd: int = -1) -> None:
+        rc = lib.pyshm_rm_complete(self._ptr, w, gen, slot, resp_len, blob, data,
+                                   RESP_ERROR if error else 0, wake_fd)
+        if rc == -16:
+            raise StaleWorker(f"worker index {w} generation {gen} was rebound")
+        self._check(rc, "complete")
+
+    def interrupt(self, w: int) -> None:
+        lib.pyshm_rm_interrupt(self._ptr, w)
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc < 0:
+            _raise(rc, f"request memory {self.name!r}: {what}")

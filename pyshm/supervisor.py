@@ -1,0 +1,296 @@
+"""The supervisor: starts the configured workers, learns at once when one
+dies (its control connection closes), has the manager answer what the dead
+worker held, and starts a replacement.
+
+Runs inside the manager's event loop.  SIGHUP replaces the workers one by
+one: the new one joins before the old one stops taking requests, and the
+old one is told to stop only when it has none in flight."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pyshm import control
+from pyshm.dispatch import WorkerRef
+
+if TYPE_CHECKING:
+    from pyshm.manager import ConnectionManager
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 30.0     # seconds a new worker has to join
+RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0)   # after repeated quick deaths
+STOP_TIMEOUT = 5.0
+
+
+@dataclass
+class Child:
+    """A worker process this supervisor started."""
+    proc: subprocess.Popen
+    suite: str
+    started: float
+    worker: WorkerRef | None = None
+    retiring: bool = False       # replaced (SIGHUP) or stopping: not restarted
+
+
+class _ControlConn:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lines = control.LineReader()
+        self.worker: WorkerRef | None = None
+
+
+class Supervisor:
+    def __init__(self, manager: ConnectionManager) -> None:
+        self.manager = manager
+        self.children: dict[int, Child] = {}      # by pid
+        self.conns: dict[int, _ControlConn] = {}  # by worker index
+        self.free_indices: list[int] = []
+        self.listener: socket.socket | None = None
+        self.stopping = False
+        self._quick_deaths: dict[str, int] = {}
+        self._joined = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- start ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.manager.config
+        self.free_indices = list(range(cfg.max_workers - 1, -1, -1))
+        loop = asyncio.get_running_loop()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            self.listener.bind(control.address(cfg.name))
+        except OSError as e:
+            raise RuntimeError(f"instance {cfg.name!r} already runs here (control socket: {e.strerror}); "
+                               f"choose another instance.name") from None
+        self.listener.listen(128)
+        loop.add_reader(self.listener, self._accept)
+        for suite in cfg.suites.values():
+            for _ in range(suite.workers):
+                self.spawn(suite.name)
+        await self._wait_joined(sum(s.workers for s in cfg.suites.values()))
+        self._task(self._watch_children())
+
+    async def _wait_joined(self, n: int) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while len(self.manager.workers) < n:
+            for c in self.children.values():
+                if c.worker is None and c.proc.poll() is not None:
+                    raise RuntimeError(f"a worker of suite {c.suite!r} exited with status {c.proc.returncode} "
+                                       f"before joining; its error is above")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(self.manager.workers)} of {n} workers joined within "
+                                   f"{START_TIMEOUT:g} s")
+            self._joined.clear()
+            try:
+                await asyncio.wait_for(self._joined.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+
+    def spawn(self, suite: str) -> Child:
+        cfg = self.manager.config
+        cmd = [sys.executable, "-m", "pyshm.worker", "--instance", cfg.name, "--suite", suite,
+               "--app", cfg.suites[suite].app]
+        if log.isEnabledFor(logging.INFO):
+            cmd.append("-v")
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        child = Child(proc, suite, time.monotonic())
+        self.children[proc.pid] = child
+        log.info("started worker pid %d for suite %s", proc.pid, suite)
+        return child
+
+    def _task(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # -- control connections ----------------------------------------------------------
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        conn = _ControlConn(sock)
+        asyncio.get_running_loop().add_reader(sock, self._readable, conn)
+
+    def _readable(self, conn: _ControlConn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._closed(conn)
+            return
+        try:
+            for msg in conn.lines.feed(data):
+                if "hello" in msg and conn.worker is None:
+                    self._hello(conn, msg["hello"])
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("bad control message from a worker: %s", e)
+            self._closed(conn)
+
+    def _hello(self, conn: _ControlConn, hello: dict) -> None:
+        m = self.manager
+        suite = str(hello["suite"])
+        pid, start = int(hello["pid"]), int(hello["start"])
+        if suite not in m.dispatchers or not self.free_indices or self.stopping:
+            why = (f"no suite {suite!r}" if suite not in m.dispatchers
+                   else "shutting down" if self.stopping else "no free worker index (instance.max_workers)")
+            conn.sock.send(control.encode({"error": why}))
+            self._closed(conn)
+            return
+        index = self.free_indices.pop()
+        gen = m.rm.bind_worker(index, pid, start)
+        w = WorkerRef(index, gen, pid, start, suite)
+        conn.worker = w
+        self.conns[index] = conn
+        socket.send_fds(conn.sock, [control.encode({"index": index, "gen": gen})], [m.wake_fd])
+        child = self.children.get(pid)
+        if child is not None:
+            child.worker = w
+        m.worker_joined(w)
+        self._joined.set()
+        log.info("worker pid %d joined suite %s as index %d", pid, suite, index)
+
+    def _closed(self, conn: _ControlConn) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(conn.sock)
+        conn.sock.close()
+        w = conn.worker
+        if w is None:
+            return
+        conn.worker = None
+        self.conns.pop(w.index, None)
+        self.manager.worker_left(w)
+        self.free_indices.append(w.index)
+        child = self.children.pop(w.pid, None)
+        if child is not None:
+            self._reap(child)
+            if not child.retiring and not self.stopping:
+                self._restart(child)
+        log.info("worker pid %d (suite %s) left", w.pid, w.suite)
+
+    def _reap(self, child: Child) -> None:
+        try:
+            child.proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            # Closed its control connection but still runs: it is broken.
+            child.proc.kill()
+            child.proc.wait()
+        if child.proc.returncode not in (0, -signal.SIGTERM):
+            log.warning("worker pid %d of suite %s died (status %s)", child.proc.pid, child.suite,
+                        child.proc.returncode)
+
+    def _restart(self, child: Child) -> None:
+        quick = time.monotonic() - child.started < 2.0
+        n = self._quick_deaths[child.suite] = self._quick_deaths.get(child.suite, 0) + 1 if quick else 0
+        delay = RESTART_BACKOFF[min(n, len(RESTART_BACKOFF) - 1)]
+        if delay:
+            log.error("workers of suite %s keep dying; next start in %g s", child.suite, delay)
+            asyncio.get_running_loop().call_later(delay, self._spawn_unless_stopping, child.suite)
+        else:
+            self.spawn(child.suite)
+
+    def _spawn_unless_stopping(self, suite: str) -> None:
+        if not self.stopping:
+            self.spawn(suite)
+
+    async def _watch_children(self) -> None:
+        """Workers that die before joining never close a control connection."""
+        while not self.stopping:
+            await asyncio.sleep(0.2)
+            for pid, c in list(self.children.items()):
+                if c.worker is None and c.proc.poll() is not None:
+                    del self.children[pid]
+                    log.error("worker pid %d of suite %s exited with status %s before joining", pid, c.suite,
+                              c.proc.returncode)
+                    if not c.retiring and not self.stopping:
+                        self._restart(c)
+
+    # -- stop, replace ----------------------------------------------------------------------
+
+    def tell_stop(self, w: WorkerRef) -> None:
+        conn = self.conns.get(w.index)
+        if conn is not None:
+            try:
+                conn.sock.send(control.encode({"stop": True}))
+            except OSError:
+                pass
+
+    def worker_idle(self, w: WorkerRef) -> None:
+        if w.draining and w.inflight == 0:
+            self.tell_stop(w)
+
+    def retire(self, w: WorkerRef) -> None:
+        """No new requests for w; it stops once its last one is answered."""
+        child = self.children.get(w.pid)
+        if child is not None:
+            child.retiring = True
+        w.draining = True
+        self.worker_idle(w)
+
+    def reload(self) -> None:
+        """SIGHUP: replace every worker, one at a time."""
+        if not self.stopping:
+            log.info("SIGHUP: replacing workers one by one")
+            self._task(self._replace_all())
+
+    async def _replace_all(self) -> None:
+        for child in [c for c in self.children.values() if c.worker is not None and not c.retiring]:
+            if self.stopping:
+                return
+            new = self.spawn(child.suite)
+            deadline = time.monotonic() + START_TIMEOUT
+            while new.worker is None and new.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if new.worker is None:
+                log.error("replacement worker for suite %s did not join; keeping pid %d", child.suite,
+                          child.proc.pid)
+                continue
+            old = child.worker
+            if old is not None:
+                self.retire(old)
+                while old.index in self.conns and self.conns[old.index].worker is old:
+                    await asyncio.sleep(0.02)
+
+    async def stop_all(self) -> None:
+        self.stopping = True
+        for w in list(self.manager.workers.values()):
+            self.retire(w)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.children and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            for pid, c in list(self.children.items()):
+                if c.worker is None and c.proc.poll() is not None:
+                    del self.children[pid]
+        self.kill_all()
+
+    def kill_all(self) -> None:
+        for c in list(self.children.values()):
+            if c.proc.poll() is None:
+                log.warning("worker pid %d did not stop in time; killing it", c.proc.pid)
+                c.proc.kill()
+            c.proc.wait()
+        self.children.clear()
+        if self.listener is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self.listener)
+            except RuntimeError:
+                pass
+            self.listener.close()
+            self.listener = None
+        for t in self._tasks:
+            t.cancel()

@@ -1,0 +1,174 @@
+"""The worker process: takes requests from its ring, runs the application,
+writes the response in place.
+
+    python -m pyshm.worker --instance NAME --suite SUITE --app module:attr
+
+Workers attach the instance's segments by name and share no Python objects
+with the manager, so the supervisor starts them this way and so can anyone
+else (they then join the suite's pool until they exit).
+
+The application interface of a raw-frame suite is a plain function
+``handle(request) -> bytes``; `request` is a `Request` (payload, session,
+peer).  The payload is a read-only memoryview of the request in shared
+memory, valid during the call.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pyshm import control
+from pyshm._native import lib
+from pyshm.heap import SharedHeap
+from pyshm.reqmem import RequestMemory, SlotInfo, StaleWorker, segment_name
+
+log = logging.getLogger(__name__)
+
+_heap: SharedHeap | None = None
+
+
+def heap() -> SharedHeap:
+    """The instance's closure heap, from inside an application."""
+    if _heap is None:
+        raise RuntimeError("pyshm.worker.heap() is only available inside a worker process")
+    return _heap
+
+
+@dataclass
+class Request:
+    payload: memoryview
+    session: bytes | None
+    peer: str
+
+
+def import_app(spec: str) -> Callable[..., Any]:
+    mod, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(mod)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec} is not callable")
+    return obj
+
+
+class Worker:
+    TAKE_TIMEOUT_MS = 200   # how often an idle worker looks at its control socket
+
+    def __init__(self, instance: str, suite: str, app: Callable[..., Any]) -> None:
+        global _heap
+        self.instance = instance
+        self.suite = suite
+        self.app = app
+        start = _start_time(os.getpid())
+        self.ctl, reply, self.wake_fd = control.connect(instance, {"pid": os.getpid(), "start": start,
+                                                                   "suite": suite})
+        self.index, self.gen = int(reply["index"]), int(reply["gen"])
+        self.ctl.setblocking(False)
+        self.rm = RequestMemory.attach(segment_name(instance))
+        self.heap = _heap = SharedHeap.attach(instance)
+        self.stopping = False
+        self._lines = control.LineReader()
+
+    def run(self) -> None:
+        log.info("worker %d (pid %d) serves suite %s", self.index, os.getpid(), self.suite)
+        try:
+            while True:
+                info = self.rm.take(self.index, self.gen, 0 if self.stopping else self.TAKE_TIMEOUT_MS)
+                if info is not None:
+                    self.serve(info)
+                    continue
+                if self.stopping or not self.poll_control():
+                    return
+        except StaleWorker:
+            log.warning("worker %d: the manager gave this index to another process; exiting", self.index)
+
+    def poll_control(self) -> bool:
+        """Reads manager messages; False when the manager is gone."""
+        try:
+            data = self.ctl.recv(65536)
+        except BlockingIOError:
+            return True
+        if not data:
+            log.warning("worker %d: the manager closed the control connection; exiting", self.index)
+            return False
+        for msg in self._lines.feed(data):
+            if msg.get("stop"):
+                self.stopping = True
+        return True
+
+    def serve(self, info: SlotInfo) -> None:
+        if info.req_blob:
+            payload = self.heap.buffer_at(info.req_data, info.req_len)
+        else:
+            payload = self.rm.buf[info.req_data:info.req_data + info.req_len].toreadonly()
+        error = False
+        try:
+            body = self.app(Request(payload, info.session if any(info.session) else None, info.peer))
+            if not isinstance(body, (bytes, bytearray, memoryview)):
+                raise TypeError(f"the application returned {type(body).__name__}, not bytes")
+        except Exception as exc:
+            log.error("worker %d: application error\n%s", self.index, traceback.format_exc())
+            body = f"application error: {type(exc).__name__}: {exc}".encode()
+            error = True
+        finally:
+            payload.release()
+        self.respond(info.slot, body, error)
+
+    def respond(self, slot: int, body: bytes | bytearray | memoryview, error: bool) -> None:
+        n = len(body) if not isinstance(body, memoryview) else body.nbytes
+        if n <= self.rm.inline_size:
+            area = self.rm.response_area(slot)
+            area[:n] = body
+            self.rm.complete(self.index, self.gen, slot, n, error=error, wake_fd=self.wake_fd)
+            return
+        blob, data, buf = self.heap.alloc_buffer(n)
+        buf[:n] = body
+        self.rm.complete(self.index, self.gen, slot, n, blob=blob, data=data, error=error,
+                         wake_fd=self.wake_fd)
+
+
+def _start_time(pid: int) -> int:
+    from pyshm._native import ffi
+
+    out = ffi.new("uint64_t *")
+    lib.pyshm_proc_start_time(pid, out)
+    return int(out[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pyshm.worker")
+    p.add_argument("--instance", required=True)
+    p.add_argument("--suite", required=True)
+    p.add_argument("--app", required=True)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=f"%(levelname)s worker[{os.getpid()}] %(name)s: %(message)s")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    app = import_app(args.app)
+    worker = Worker(args.instance, args.suite, app)
+
+    def stop(signum: int, frame: Any) -> None:
+        worker.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the importable module's main, not this __main__ copy's, so that
+    # applications calling pyshm.worker.heap() see the state it sets.
+    from pyshm import worker as _worker
+
+    sys.exit(_worker.main())

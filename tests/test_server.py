@@ -1,0 +1,303 @@
+"""End to end over real sockets: a real `pyshm serve`, raw TCP frames."""
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pyshm.reqmem import RequestMemory, segment_name
+from server_util import FrameClient, free_port
+
+
+def config(port: int, *, workers: int = 2, app: str = "apps:echo", extra: str = "", listen_extra: str = "") -> str:
+    return f"""{extra}
+[suites.main]
+app = "{app}"
+workers = {workers}
+
+[[listen]]
+frontend = "tcp"
+address = "127.0.0.1:{port}"
+suite = "main"
+{listen_extra}
+"""
+
+
+def slot_states(name: str) -> dict[str, int]:
+    rm = RequestMemory.attach(segment_name(name))
+    try:
+        return rm.states()
+    finally:
+        rm.close()
+
+
+def test_many_connections_answered_in_order(serve):
+    port = free_port()
+    srv = serve(config(port), port)
+
+    def client(c: int) -> list[bytes]:
+        cl = FrameClient(port)
+        try:
+            for i in range(40):   # pipelined: all sent before any is read
+                cl.send(b"c%d-r%d" % (c, i))
+            return [cl.recv()[1] for _ in range(40)]
+        finally:
+            cl.close()
+
+    with ThreadPoolExecutor(32) as ex:
+        results = list(ex.map(client, range(64)))
+    for c, got in enumerate(results):
+        assert got == [b"c%d-r%d" % (c, i) for i in range(40)]
+    pids = {FrameClient(port).call(b"pid")[1] for _ in range(20)}
+    assert len(pids) == 2, "both workers serve"
+    assert slot_states(srv.name)["free"] == 1024
+
+
+def test_large_payloads_and_errors(serve):
+    port = free_port()
+    serve(config(port), port)
+    cl = FrameClient(port)
+    big = bytes(range(256)) * 4096                     # 1 MiB: over the 64 KiB inline area
+    assert cl.call(big) == (False, big)
+    assert cl.call(b"big:2097152") == (False, bytes(range(256)) * 8192)
+    err, msg = cl.call(b"boom")
+    assert err and b"ValueError: boom" in msg
+    assert cl.call(b"") == (False, b"")                 # still serving after an application error
+
+
+def test_two_suites_routed_by_rule(serve):
+    port, port_b = free_port(), free_port()
+    body = f"""
+[suites.a]
+app = "apps:suite_a"
+workers = 2
+[suites.b]
+app = "apps:suite_b"
+workers = 1
+policy = "round-robin"
+
+[[listen]]
+frontend = "tcp"
+address = "127.0.0.1:{port}"
+suite = "a"
+routes = [{{ prefix = "b:", suite = "b" }}]
+
+[[listen]]
+frontend = "tcp"
+address = "127.0.0.1:{port_b}"
+suite = "b"
+"""
+    serve(body, port)
+    cl, cl_b = FrameClient(port), FrameClient(port_b)
+    a_pids, b_pids = set(), set()
+    for i in range(30):
+        err, r = cl.call(b"x%d" % i)
+        assert not err and r.startswith(b"A:") and r.endswith(b":x%d" % i)
+        a_pids.add(r.split(b":")[1])
+        err, r = cl.call(b"b:%d" % i)           # the rule sends it to suite b
+        assert not err and r.startswith(b"B:") and r.endswith(b":b:%d" % i)
+        b_pids.add(r.split(b":")[1])
+        err, r = cl_b.call(b"y")                # the second listener's suite
+        assert r.startswith(b"B:")
+        b_pids.add(r.split(b":")[1])
+    assert len(a_pids) == 2 and len(b_pids) == 1 and not a_pids & b_pids
+
+
+def test_oversized_frame_gets_an_error_and_a_close(serve):
+    port = free_port()
+    serve(config(port, listen_extra='max_frame = "1KiB"'), port)
+    cl = FrameClient(port)
+    assert cl.call(b"ok") == (False, b"ok")
+    cl.sock.sendall(struct.pack(">I", 10 << 20) + b"x" * 1000)   # announces 10 MiB, sends a little
+    err, msg = cl.recv()
+    assert err and b"exceeds the limit of 1024" in msg
+    assert cl.sock.recv(1) == b"", "connection closed after the error frame"
+    assert FrameClient(port).call(b"next") == (False, b"next")   # the server goes on
+
+
+def test_invalid_config_names_the_key(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.toml").write_text('[suites.main]\napp = "apps:echo"\nworkers = "four"\n'
+                                       '[[listen]]\nfrontend = "tcp"\naddress = "127.0.0.1:1"\nsuite = "main"\n')
+    r = subprocess.run([sys.executable, "-m", "pyshm.cli", "serve", "-c", "bad.toml"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "suites.main.workers must be a int" in r.stderr
+    (tmp_path / "bad.toml").write_text('[suites.main]\napp = "apps:echo"\n[[listen]]\nfrontend = "tcp"\n'
+                                       'address = "127.0.0.1:1"\nsuite = "nope"\n')
+    r = subprocess.run([sys.executable, "-m", "pyshm.cli", "serve", "-c", "bad.toml"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "listen[0].suite names 'nope'" in r.stderr
+
+
+class Load:
+    """Clients sending sleep requests in a loop; records every answer."""
+
+    def __init__(self, port: int, clients: int, secs: float = 0.01) -> None:
+        self.port, self.secs = port, secs
+        self.results: list[tuple[bool, bytes, float]] = []   # (error, body, seconds waited)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run, args=(c,)) for c in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def run(self, c: int) -> None:
+        cl = FrameClient(self.port, timeout=30)
+        i = 0
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            err, body = cl.call(b"sleep:%g:%d-%d" % (self.secs, c, i))
+            with self.lock:
+                self.results.append((err, body, time.monotonic() - t0))
+            i += 1
+        cl.close()
+
+    def finish(self) -> list[tuple[bool, bytes, float]]:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+        return self.results
+
+
+def test_worker_sigkill_under_load(serve):
+    import os
+
+    port = free_port()
+    srv = serve(config(port, workers=2), port)
+    load = Load(port, clients=8)
+    time.sleep(1.0)
+    victim = int(FrameClient(port).call(b"pid")[1])
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(2.0)
+    results = load.finish()
+    served_by = {body.split(b":")[0] for err, body, _ in results if not err}
+    errors = [body for err, body, _ in results if err]
+    assert len(results) > 100
+    assert all(waited < 1.0 for _, _, waited in results), max(w for _, _, w in results)
+    assert all(b"died while the request was running" in e for e in errors), errors
+    assert len(errors) <= 8     # at most the requests the victim was running
+    new = {int(p) for p in served_by} - {victim}
+    assert len(new) >= 2, "the replacement worker serves"
+    assert slot_states(srv.name)["free"] == 1024
+
+
+def test_sigterm_answers_requests_in_flight(serve):
+    port = free_port()
+    srv = serve(config(port, workers=2), port)
+    clients = [FrameClient(port) for _ in range(6)]
+    for i, cl in enumerate(clients):
+        cl.send(b"sleep:0.5:%d" % i)
+        cl.send(b"sleep:0.2:%d-b" % i)
+    time.sleep(0.1)
+    srv.signal(signal.SIGTERM)
+    for i, cl in enumerate(clients):
+        first, second = cl.recv(), cl.recv()
+        assert not first[0] and first[1].endswith(b":%d" % i)
+        assert not second[0] and second[1].endswith(b":%d-b" % i)
+        assert cl.sock.recv(1) == b""          # then the server closes
+    assert srv.proc.wait(timeout=30) == 0
+
+
+def test_sighup_replaces_workers_without_a_failed_request(serve):
+    port = free_port()
+    srv = serve(config(port, workers=2), port)
+    before = {FrameClient(port).call(b"pid")[1] for _ in range(10)}
+    load = Load(port, clients=6)
+    time.sleep(0.5)
+    srv.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    now: set[bytes] = set()
+    while time.monotonic() < deadline:
+        now = {FrameClient(port).call(b"pid")[1] for _ in range(10)}
+        if not now & before:
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)
+    results = load.finish()
+    assert now and not now & before, "all workers replaced"
+    assert len(results) > 100 and not [b for e, b, _ in results if e]
+    assert slot_states(srv.name)["free"] == 1024
+
+
+LINES_FE = '''
+from pyshm.frontend import FrontEnd, ProtocolError, Request
+
+
+class LineFrontEnd(FrontEnd):
+    """One request per line; the answer is one line, "ERR " before errors."""
+    name = "lines"
+    defaults = {"max_line": 1024}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.buf = b""
+
+    def receive(self, data):
+        self.buf += data
+        events = []
+        while b"\\n" in self.buf:
+            line, self.buf = self.buf.split(b"\\n", 1)
+            events.append(Request(line, route=line))
+        if len(self.buf) > self.options["max_line"]:
+            events.append(ProtocolError("line too long", b"ERR line too long\\n"))
+        return events
+
+    def response(self, request, body, *, error):
+        return (b"ERR " if error else b"") + body + b"\\n"
+'''
+
+
+def test_a_third_party_front_end_plugs_in_through_its_entry_point(serve, tmp_path):
+    """A front-end from another distribution (here a dist-info in the
+    server's working directory) is found by name, like the built-ins."""
+    (tmp_path / "lines_fe.py").write_text(LINES_FE)
+    dist = tmp_path / "lines_fe-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lines-fe\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[pyshm.frontends]\nlines = lines_fe:LineFrontEnd\n")
+    port = free_port()
+    serve(config(port).replace('frontend = "tcp"', 'frontend = "lines"'), port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"one\ntwo\nboom\n")
+        got = b""
+        while got.count(b"\n") < 3:
+            got += s.recv(4096)
+    assert got.startswith(b"one\ntwo\nERR application error: ValueError: boom")
+
+
+def test_demo_serves_the_shared_catalog(tmp_path):
+    """What `make run` starts: the catalog is put once by the manager and
+    every worker answers from the same mapped closure."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyshm.cli", "demo", "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = proc.stdout.readline()
+        assert f"raw TCP frames on 127.0.0.1:{port}" in banner
+        cl = FrameClient(port)
+        got = json.loads(cl.call(b"sku-0000042")[1])
+        assert (got["name"], got["price"]) == ("product 42", 11.5)
+        pids = {json.loads(cl.call(b"stats")[1])["worker_pid"] for _ in range(20)}
+        assert len(pids) == 2
+        err, msg = cl.call(b"sku-nope")
+        assert err and b"no product" in msg
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"pyshm.demo-{port}")]
