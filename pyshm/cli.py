@@ -80,7 +80,7 @@ def _demo(args: argparse.Namespace) -> int:
                   f"  Ctrl-C stops it (answers what is in flight first).", flush=True)
         return await server
 
-    return asyncio.run(main())
+    return _run(main())
 
 
 def _demo_heap(args: argparse.Namespace) -> int:
@@ -120,7 +120,18 @@ def _serve(args: argparse.Namespace) -> int:
     from pyshm.manager import ConnectionManager
 
     config = _serve_config(args)
-    return asyncio.run(ConnectionManager(config).run())
+    return _run(ConnectionManager(config).run())
+
+
+def _run(coro) -> int:
+    """asyncio.run, on uvloop when it is installed."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,10 +22,12 @@ from typing import Callable
 
 from pyshm.config import Config
 from pyshm.dispatch import Dispatcher, WorkerRef
-from pyshm.errors import HeapFull, PyshmError
+from pyshm import segments
+from pyshm.errors import HeapFull, PyshmError, SegmentExists
 from pyshm.frontend import Registry, Request
 from pyshm.heap import SharedHeap
-from pyshm.reqmem import DONE, QUEUED, RUNNING, RequestMemory, segment_name
+from pyshm.heap import unlink as unlink_segment
+from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RUNNING, RequestMemory, segment_name
 from pyshm.supervisor import Supervisor
 from pyshm.transport import Connection
 
@@ -76,6 +78,8 @@ class ConnectionManager:
 
     def open_segments(self) -> None:
         cfg = self.config
+        for name in (cfg.name, segment_name(cfg.name)):
+            _remove_if_orphaned(name)
         self.heap = SharedHeap.create(cfg.name, cfg.heap_size)
         try:
             self.rm = RequestMemory.create(segment_name(cfg.name), slots=cfg.slots, workers=cfg.max_workers,
@@ -144,13 +148,13 @@ class ConnectionManager:
         self.stopping = True
         for server in self.servers:
             server.close()
+        for conn in list(self.connections):
+            conn.shutdown()     # reads no more; closes once its answers are out
         deadline = time.monotonic() + self.config.graceful_timeout
         while (self.pending or self.backlog) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for p in list(self.pending.values()) + list(self.backlog):
             self._answer(p, b"server shutting down", True)
-        for conn in list(self.connections):
-            conn.shutdown()
         await self.supervisor.stop_all()
         while self.connections and time.monotonic() < deadline + 2:
             await asyncio.sleep(0.02)
@@ -244,7 +248,7 @@ class ConnectionManager:
             log.error("slot %d completed in state %d; answering with an error", slot, state)
             self._answer(p, b"internal error: response lost", True)
             return
-        error = bool(info.flags & 1)
+        error = bool(info.flags & RESP_ERROR)
         if info.resp_blob:
             w = p.worker
             if w is None or not self.heap.adopt_buffer(info.resp_blob, w.pid, w.start):
@@ -316,3 +320,17 @@ class ConnectionManager:
         except PyshmError:
             log.exception("reclaiming the heap after worker %d died", w.pid)
         self.pump()
+
+
+def _remove_if_orphaned(name: str) -> None:
+    """A segment of this instance's name left by a manager that died (and
+    that no live process uses) is removed; a live one is an error."""
+    info = segments.probe(name)
+    if info.size == 0 and not info.readable:
+        return   # absent (or unreadable: create() will say so)
+    if info.orphaned:
+        log.warning("removing segment %s left by dead process %d", name, info.creator_pid)
+        unlink_segment(name)
+    elif info.creator_alive:
+        raise SegmentExists(f"instance segment {name!r} belongs to running process {info.creator_pid}: "
+                            f"that instance still runs; stop it or choose another instance.name")

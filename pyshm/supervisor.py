@@ -183,13 +183,15 @@ class Supervisor:
                 self._restart(child)
         log.info("worker pid %d (suite %s) left", w.pid, w.suite)
 
-    def _reap(self, child: Child) -> None:
-        try:
-            child.proc.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            # Closed its control connection but still runs: it is broken.
-            child.proc.kill()
-            child.proc.wait()
+    def _reap(self, child: Child, tries: int = 0) -> None:
+        """Collects an exited worker without blocking the loop; one that
+        closed its control connection but still runs after 2 s is broken
+        and is killed."""
+        if child.proc.poll() is None:
+            if tries == 20:
+                child.proc.kill()
+            asyncio.get_running_loop().call_later(0.1, self._reap, child, tries + 1)
+            return
         if child.proc.returncode not in (0, -signal.SIGTERM):
             log.warning("worker pid %d of suite %s died (status %s)", child.proc.pid, child.suite,
                         child.proc.returncode)

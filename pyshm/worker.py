@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from pyshm import control
 from pyshm._native import lib
+from pyshm.errors import PyshmError
 from pyshm.heap import SharedHeap
 from pyshm.reqmem import RequestMemory, SlotInfo, StaleWorker, segment_name
 
@@ -122,16 +123,23 @@ class Worker:
         self.respond(info.slot, body, error)
 
     def respond(self, slot: int, body: bytes | bytearray | memoryview, error: bool) -> None:
-        n = len(body) if not isinstance(body, memoryview) else body.nbytes
-        if n <= self.rm.inline_size:
-            area = self.rm.response_area(slot)
-            area[:n] = body
-            self.rm.complete(self.index, self.gen, slot, n, error=error, wake_fd=self.wake_fd)
-            return
-        blob, data, buf = self.heap.alloc_buffer(n)
-        buf[:n] = body
-        self.rm.complete(self.index, self.gen, slot, n, blob=blob, data=data, error=error,
-                         wake_fd=self.wake_fd)
+        if isinstance(body, memoryview) and (body.format != "B" or body.ndim != 1):
+            body = body.cast("B")
+        n = len(body)
+        if n > self.rm.inline_size:
+            try:
+                blob, data, buf = self.heap.alloc_buffer(n)
+            except PyshmError as exc:
+                msg = f"response of {n} bytes does not fit in shared memory: {exc}"
+                body, error = msg.encode()[:self.rm.inline_size], True
+                n = len(body)
+            else:
+                buf[:n] = body
+                self.rm.complete(self.index, self.gen, slot, n, blob=blob, data=data, error=error,
+                                 wake_fd=self.wake_fd)
+                return
+        self.rm.response_area(slot)[:n] = body
+        self.rm.complete(self.index, self.gen, slot, n, error=error, wake_fd=self.wake_fd)
 
 
 def _start_time(pid: int) -> int:

@@ -10,6 +10,13 @@ def echo(request) -> bytes:
     data = bytes(request.payload)
     if data == b"pid":
         return str(os.getpid()).encode()
+    if data.startswith(b"msleep:"):       # sleeps holding a pin on the closure "data"
+        from pyshm import worker
+
+        _, secs, tag = data.split(b":", 2)
+        with worker.heap().map("data") as view:
+            time.sleep(float(secs))
+            return b"%d:%s:%d" % (os.getpid(), tag, view["n"])
     if data.startswith(b"sleep:"):
         _, secs, tag = data.split(b":", 2)
         time.sleep(float(secs))
@@ -27,3 +34,7 @@ def suite_a(request) -> bytes:
 
 def suite_b(request) -> bytes:
     return b"B:%d:%s" % (os.getpid(), bytes(request.payload))
+
+
+def setup(heap) -> None:
+    heap.put("data", {"n": 7, "blob": b"x" * 100_000})

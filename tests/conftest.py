@@ -89,8 +89,8 @@ def serve(tmp_path):
 
     servers = []
 
-    def start(body: str, port: int, *, verbose: bool = False) -> Server:
-        name = f"{_prefix()}{next(_names)}"
+    def start(body: str, port: int, *, verbose: bool = False, name: str | None = None) -> Server:
+        name = name or f"{_prefix()}{next(_names)}"
         srv = Server(tmp_path, name, f'[instance]\nname = "{name}"\n' + body, verbose=verbose)
         servers.append(srv)
         srv.wait_listening(port)

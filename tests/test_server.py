@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from pyshm.heap import SharedHeap
 from pyshm.reqmem import RequestMemory, segment_name
 from server_util import FrameClient, free_port
 
@@ -139,8 +140,8 @@ def test_invalid_config_names_the_key(tmp_path):
 class Load:
     """Clients sending sleep requests in a loop; records every answer."""
 
-    def __init__(self, port: int, clients: int, secs: float = 0.01) -> None:
-        self.port, self.secs = port, secs
+    def __init__(self, port: int, clients: int, secs: float = 0.01, op: bytes = b"sleep") -> None:
+        self.port, self.secs, self.op = port, secs, op
         self.results: list[tuple[bool, bytes, float]] = []   # (error, body, seconds waited)
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -153,7 +154,7 @@ class Load:
         i = 0
         while not self.stop.is_set():
             t0 = time.monotonic()
-            err, body = cl.call(b"sleep:%g:%d-%d" % (self.secs, c, i))
+            err, body = cl.call(b"%s:%g:%d-%d" % (self.op, self.secs, c, i))
             with self.lock:
                 self.results.append((err, body, time.monotonic() - t0))
             i += 1
@@ -170,8 +171,8 @@ def test_worker_sigkill_under_load(serve):
     import os
 
     port = free_port()
-    srv = serve(config(port, workers=2), port)
-    load = Load(port, clients=8)
+    srv = serve(config(port, workers=2, extra='preload = "apps:setup"'), port)
+    load = Load(port, clients=8, op=b"msleep")
     time.sleep(1.0)
     victim = int(FrameClient(port).call(b"pid")[1])
     os.kill(victim, signal.SIGKILL)
@@ -186,6 +187,9 @@ def test_worker_sigkill_under_load(serve):
     new = {int(p) for p in served_by} - {victim}
     assert len(new) >= 2, "the replacement worker serves"
     assert slot_states(srv.name)["free"] == 1024
+    stats = SharedHeap.attach(srv.name, observe=True).stats()
+    assert stats.pinned_versions == 0, "the victim's pins were released"
+    assert stats.readers == 3 and stats.building_versions == 0   # manager + 2 live workers
 
 
 def test_sigterm_answers_requests_in_flight(serve):
@@ -301,3 +305,41 @@ def test_demo_serves_the_shared_catalog(tmp_path):
             proc.wait()
         proc.stdout.close()
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"pyshm.demo-{port}")]
+
+
+def test_a_started_by_hand_worker_joins_and_a_killed_manager_takes_its_workers_along(serve, tmp_path):
+    """Workers attach by name: one started separately joins the suite (and
+    is not restarted when it leaves).  SIGKILL of the manager: its workers
+    exit by themselves and the same instance starts again at once."""
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    srv = serve(config(port, workers=1), port)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    extra = subprocess.Popen([sys.executable, "-m", "pyshm.worker", "--instance", srv.name, "--suite", "main",
+                              "--app", "apps:echo"], env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while str(extra.pid).encode() not in {FrameClient(port).call(b"pid")[1] for _ in range(10)}:
+            assert time.monotonic() < deadline, "the hand-started worker never served"
+        cl = FrameClient(port)
+        pids = {int(cl.call(b"pid")[1]) for _ in range(30)}
+        assert extra.pid in pids and len(pids) == 2
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait()
+        assert extra.wait(timeout=5) == 0         # noticed the manager is gone, exited
+        for pid in pids - {extra.pid}:
+            deadline = time.monotonic() + 5
+            while os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]:
+                assert time.monotonic() < deadline, f"worker {pid} outlived its manager"
+                time.sleep(0.05)
+    finally:
+        if extra.poll() is None:
+            os.kill(extra.pid, signal.SIGKILL)
+            extra.wait()
+    port2 = free_port()
+    again = serve(config(port2, workers=1), port2, name=srv.name)   # its segments were orphans
+    assert FrameClient(port2).call(b"x") == (False, b"x")
+    again.stop()
