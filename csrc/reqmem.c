@@ -289,6 +289,15 @@ int pyshm_rm_slot_info(pyshm_reqmem_t *rm, uint32_t slot, uint32_t *state, uint3
     return PYSHM_OK;
 }
 
+int pyshm_rm_cancel(pyshm_reqmem_t *rm, uint32_t slot) {
+    if (slot >= rm->hdr->n_slots) return PYSHM_ERR_CORRUPT;
+    /* QUEUED -> FREE unless the worker took it first.  Its ring entry
+     * stays; the worker skips it (the state is no longer QUEUED for it). */
+    uint32_t queued = PYSHM_SLOT_QUEUED;
+    return __atomic_compare_exchange_n(&slot_at(rm, slot)->state, &queued, PYSHM_SLOT_FREE, 0,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
 int pyshm_rm_release(pyshm_reqmem_t *rm, uint32_t slot) {
     if (slot >= rm->hdr->n_slots) return PYSHM_ERR_CORRUPT;
     __atomic_store_n(&slot_at(rm, slot)->state, PYSHM_SLOT_FREE, __ATOMIC_RELEASE);
@@ -328,8 +337,12 @@ static int take_one(pyshm_reqmem_t *rm, uint32_t w, uint64_t gen, pyshm_slot_inf
             || s->gen != gen)
             continue;
         /* Popped but not yet RUNNING: if we die here the manager finds the
-         * slot QUEUED and dispatches it again, which is right: not started. */
-        __atomic_store_n(&s->state, PYSHM_SLOT_RUNNING, __ATOMIC_RELEASE);
+         * slot QUEUED and dispatches it again, which is right: not started.
+         * The CAS loses to the manager's cancel (queue timeout). */
+        uint32_t queued = PYSHM_SLOT_QUEUED;
+        if (!__atomic_compare_exchange_n(&s->state, &queued, PYSHM_SLOT_RUNNING, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue;
         fill_info(rm, id, s, out);
         if (!out->req_blob && out->req_len > rm->hdr->inline_size) out->req_len = rm->hdr->inline_size;
         return 1;

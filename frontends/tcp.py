@@ -72,5 +72,8 @@ class TcpFrontEnd(FrontEnd):
             return [ProtocolError("connection closed in the middle of a frame")]
         return []
 
-    def response(self, request: Request, body: bytes, *, error: bool) -> bytes:
-        return frame(body, error=error)
+    def response(self, request: Request, body: bytes, *, error: str | None) -> bytes:
+        return frame(body, error=error is not None)
+
+    def partial(self) -> bool:
+        return bool(self._buf or self._need)

@@ -85,6 +85,7 @@ int pyshm_rm_submit(pyshm_reqmem_t *rm, uint32_t w, uint32_t slot, uint64_t seq,
 int pyshm_rm_drain(pyshm_reqmem_t *rm, uint32_t w, uint32_t *out, uint32_t cap);
 void pyshm_rm_arm(pyshm_reqmem_t *rm);
 int pyshm_rm_slot_info(pyshm_reqmem_t *rm, uint32_t slot, uint32_t *state, uint32_t *worker, pyshm_slot_info_t *out);
+int pyshm_rm_cancel(pyshm_reqmem_t *rm, uint32_t slot);
 int pyshm_rm_release(pyshm_reqmem_t *rm, uint32_t slot);
 int pyshm_rm_stats(pyshm_reqmem_t *rm, pyshm_reqmem_stats_t *out);
 int pyshm_rm_take(pyshm_reqmem_t *rm, uint32_t w, uint64_t gen, int timeout_ms, pyshm_slot_info_t *out);

@@ -102,11 +102,16 @@ def _serve_config(args: argparse.Namespace):
         if args.app or args.tcp:
             raise cfgmod.ConfigError("give either -c FILE or an app with --tcp, not both")
         return cfgmod.load(args.config)
-    if not args.app or not args.tcp:
+    if not args.app or not (args.tcp or args.http):
         raise cfgmod.ConfigError("pyshm serve needs -c pyshm.toml, or an app and a listener: "
-                                 "pyshm serve app:handle --tcp 127.0.0.1:7000")
-    data = {"instance": {}, "suites": {"main": {"app": args.app, "workers": args.workers}},
-            "listen": [{"frontend": "tcp", "address": a, "suite": "main"} for a in args.tcp]}
+                                 "pyshm serve app:handle --tcp 127.0.0.1:7000, or myapp:app --http 127.0.0.1:8000")
+    if args.tcp and args.http:
+        raise cfgmod.ConfigError("one app is either a raw-frame handler (--tcp) or a WSGI app (--http); "
+                                 "use -c pyshm.toml for both")
+    listen = [{"frontend": "tcp", "address": a, "suite": "main"} for a in args.tcp or []]
+    listen += [{"frontend": "http", "address": a, "suite": "main", "access_log": args.access_log}
+               for a in args.http or []]
+    data = {"instance": {}, "suites": {"main": {"app": args.app, "workers": args.workers}}, "listen": listen}
     if args.name:
         data["instance"]["name"] = args.name
     if args.preload:
@@ -130,8 +135,8 @@ def _run(coro) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        uvloop = None   # (not run inside the except: exceptions would chain to this one)
+    return asyncio.run(coro) if uvloop is None else uvloop.run(coro)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_demo_worker)
 
     p = sub.add_parser("serve", help="run an instance: connection manager, suites of workers")
-    p.add_argument("app", nargs="?", help="module:function handling raw TCP frames")
+    p.add_argument("app", nargs="?", help="module:attribute: a raw-frame handler (--tcp) or a WSGI app (--http)")
     p.add_argument("-c", "--config", help="a pyshm.toml")
     p.add_argument("--tcp", action="append", metavar="HOST:PORT", help="a raw-frame listener (repeatable)")
+    p.add_argument("--http", action="append", metavar="HOST:PORT", help="an HTTP/1.1 listener for a WSGI app")
+    p.add_argument("--access-log", action="store_true", help="log HTTP requests in the common log format")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--name", help="instance name (segments /dev/shm/pyshm.NAME*)")
     p.add_argument("--preload", metavar="module:function", help="called once with the heap before workers start")

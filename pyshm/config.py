@@ -33,6 +33,8 @@ from pyshm.errors import PyshmError
 from pyshm.sizes import parse_size
 
 POLICIES = ("least-loaded", "round-robin")
+INTERFACES = ("handler", "wsgi")
+FRONTEND_INTERFACE = {"http": "wsgi"}   # others: handler
 
 
 class ConfigError(PyshmError, ValueError):
@@ -45,6 +47,7 @@ class SuiteConfig:
     app: str
     workers: int = 2
     policy: str = "least-loaded"
+    interface: str = ""      # handler | wsgi; "" = what its listeners' front-end implies
 
 
 @dataclass
@@ -121,14 +124,18 @@ def _app(value: Any, where: str) -> str:
 def _suite(name: str, t: Any) -> SuiteConfig:
     where = f"suites.{name}"
     _typed(t, where, dict)
-    unknown = set(t) - {"app", "workers", "policy"}
+    unknown = set(t) - {"app", "workers", "policy", "interface"}
     if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]} is not a suite setting (app, workers, policy)")
+        raise ConfigError(f"{where}.{sorted(unknown)[0]} is not a suite setting (app, workers, policy, interface)")
     s = SuiteConfig(name, _app(t.get("app"), f"{where}.app"))
     if "workers" in t:
         s.workers = _typed(t["workers"], f"{where}.workers", int)
         if not 1 <= s.workers <= 1024:
             raise ConfigError(f"{where}.workers must be 1 to 1024, not {s.workers}")
+    if "interface" in t:
+        s.interface = _typed(t["interface"], f"{where}.interface", str)
+        if s.interface not in INTERFACES:
+            raise ConfigError(f"{where}.interface must be one of {', '.join(INTERFACES)}, not {s.interface!r}")
     if "policy" in t:
         s.policy = _typed(t["policy"], f"{where}.policy", str)
         if s.policy not in POLICIES:
@@ -159,6 +166,20 @@ def _listen(i: int, t: Any, suites: dict[str, SuiteConfig]) -> ListenConfig:
     return ListenConfig(frontend, host, port, suite, routes, options)
 
 
+def _infer_interfaces(suites: dict[str, SuiteConfig], listen: list[ListenConfig]) -> None:
+    """A suite without `interface` takes the one its listeners' front-end
+    implies (http -> wsgi, others -> handler); they must agree."""
+    for name, s in suites.items():
+        if s.interface:
+            continue
+        implied = {FRONTEND_INTERFACE.get(ls.frontend, "handler") for ls in listen
+                   if ls.suite == name or any(r.suite == name for r in ls.routes)}
+        if len(implied) > 1:
+            raise ConfigError(f"suites.{name} is fed by front-ends that need different application "
+                              f"interfaces ({', '.join(sorted(implied))}); set suites.{name}.interface")
+        s.interface = implied.pop() if implied else "handler"
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     unknown = set(data) - {"instance", "suites", "listen"}
     if unknown:
@@ -172,6 +193,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     if not listen_t:
         raise ConfigError("listen is empty: add a [[listen]] with frontend, address and suite")
     listen = [_listen(i, t, suites) for i, t in enumerate(listen_t)]
+    _infer_interfaces(suites, listen)
     known = {"name", "heap_size", "slots", "inline_size", "graceful_timeout", "queue_timeout", "preload",
              "max_workers"}
     unknown = set(inst) - known

@@ -45,7 +45,22 @@ class ProtocolError:
     reply: bytes = b""
 
 
-Event = Union[Request, ProtocolError]
+@dataclass
+class Send:
+    """Bytes to write now, before the request's answer (HTTP's 100 Continue)."""
+    data: bytes
+
+
+Event = Union[Request, ProtocolError, Send]
+
+# Why a request got no answer from the application (the `error` passed to
+# FrontEnd.response; None when the application answered).
+APP_ERROR = "application"        # the application raised
+WORKER_DIED = "worker-died"      # its worker died while running it
+UNAVAILABLE = "unavailable"      # no worker free within queue_timeout
+TOO_LARGE = "too-large"          # no shared memory for the payload
+SHUTTING_DOWN = "shutting-down"  # the server stopped before it ran
+INTERNAL = "internal"
 
 
 class FrontEnd:
@@ -54,28 +69,48 @@ class FrontEnd:
     response()."""
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    #: Options every front-end has: seconds a connection may idle between
+    #: requests, and seconds a started request has to arrive whole.
+    common: ClassVar[dict[str, Any]] = {"idle_timeout": 300.0, "request_timeout": 60.0}
     #: True: responses go out in request order (the transport holds back
     #: early ones); False: as they complete (a protocol with request ids).
     ordered: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.defaults)
+        known = {**self.common, **self.defaults}
+        unknown = set(options) - set(known)
         if unknown:
             raise ValueError(f"front-end {self.name!r} has no option {sorted(unknown)[0]!r} "
-                             f"(it knows {sorted(self.defaults) or 'none'})")
-        self.options = {**self.defaults, **options}
+                             f"(it knows {', '.join(sorted(known))})")
+        self.options = {**known, **options}
 
     def receive(self, data: bytes) -> list[Event]:
         """Feeds bytes from the client; returns the events they complete."""
         raise NotImplementedError
 
+    def connection_made(self, peer: str, server: tuple[str, int]) -> None:
+        """Where the connection comes from and which address it reached."""
+
     def eof(self) -> list[Event]:
         """The client closed its side.  Default: nothing more to do."""
         return []
 
-    def response(self, request: Request, body: bytes, *, error: bool) -> bytes:
-        """The bytes that answer `request`: its body, or an error message."""
+    def response(self, request: Request, body: bytes, *, error: str | None) -> bytes:
+        """The bytes that answer `request`: the application's answer, or
+        (error set to one of the kinds above) an error with `body` as message."""
         raise NotImplementedError
+
+    def keep_alive(self, request: Request) -> bool:
+        """False: close the connection once this request's answer is out."""
+        return True
+
+    def partial(self) -> bool:
+        """True while a request is partly received (its timeout runs)."""
+        return False
+
+    def timeout_reply(self) -> bytes:
+        """What to send before closing a connection that timed out."""
+        return b""
 
 
 @dataclass

@@ -24,7 +24,9 @@ from pyshm.config import Config
 from pyshm.dispatch import Dispatcher, WorkerRef
 from pyshm import segments
 from pyshm.errors import HeapFull, PyshmError, SegmentExists
-from pyshm.frontend import Registry, Request
+from pyshm.frontend import (
+    APP_ERROR, INTERNAL, SHUTTING_DOWN, TOO_LARGE, UNAVAILABLE, WORKER_DIED, Registry, Request,
+)
 from pyshm.heap import SharedHeap
 from pyshm.heap import unlink as unlink_segment
 from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RUNNING, RequestMemory, segment_name
@@ -33,7 +35,7 @@ from pyshm.transport import Connection
 
 log = logging.getLogger(__name__)
 
-Reply = Callable[[bytes, bool], None]
+Reply = Callable[[bytes, "str | None"], None]
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Pending:
     blob: int = 0                # heap blob of a payload too large for the slot
     data: int = 0
     worker: WorkerRef | None = None
+    started: bool = False        # known to have left the QUEUED state
     answered: bool = field(default=False)
 
 
@@ -123,7 +126,7 @@ class ConnectionManager:
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.supervisor.reload)
-            timer = loop.create_task(self._expire_backlog())
+            timer = loop.create_task(self._expire_queued())
             self.ready.set()
             await stop.wait()
             timer.cancel()
@@ -154,7 +157,7 @@ class ConnectionManager:
         while (self.pending or self.backlog) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for p in list(self.pending.values()) + list(self.backlog):
-            self._answer(p, b"server shutting down", True)
+            self._answer(p, b"server shutting down", SHUTTING_DOWN)
         await self.supervisor.stop_all()
         while self.connections and time.monotonic() < deadline + 2:
             await asyncio.sleep(0.02)
@@ -182,7 +185,7 @@ class ConnectionManager:
             try:
                 self._write_payload(p)
             except HeapFull as e:
-                self._answer(p, f"request too large for the server's memory: {e}".encode(), True)
+                self._answer(p, f"request too large for the server's memory: {e}".encode(), TOO_LARGE)
                 return True
         rm.submit(worker.index, p.slot, p.seq, len(p.request.payload), blob=p.blob, data=p.data,
                   session=p.request.session, peer=p.peer)
@@ -211,14 +214,26 @@ class ConnectionManager:
                 kept.append(p)
         self.backlog = kept
 
-    async def _expire_backlog(self) -> None:
+    async def _expire_queued(self) -> None:
+        """A request not started within queue_timeout (waiting for a slot or
+        a worker, or queued behind busy ones) is withdrawn and answered
+        'unavailable'."""
         while True:
-            await asyncio.sleep(0.25)
-            now = time.monotonic()
+            await asyncio.sleep(0.1)
             limit = self.config.queue_timeout
-            while self.backlog and now - self.backlog[0].arrived > limit:
-                p = self.backlog.popleft()
-                self._answer(p, f"no worker of suite {p.suite!r} available within {limit:g} s".encode(), True)
+            old = time.monotonic() - limit
+            late = [p for p in self.backlog if p.arrived < old]
+            late += [p for p in self.pending.values() if p.arrived < old and p.worker is not None and not p.started]
+            if not late:
+                continue
+            self.backlog = collections.deque(p for p in self.backlog if p.arrived >= old)
+            for p in late:
+                if p.slot >= 0 and p.worker is not None:
+                    if not self.rm.cancel(p.slot):
+                        p.started = True     # its worker took it: it will be answered
+                        continue
+                self._answer(p, f"no worker of suite {p.suite!r} could start it within {limit:g} s".encode(),
+                             UNAVAILABLE)
 
     def on_wake(self) -> None:
         """The eventfd fired: drain every completion ring, re-arm, drain again
@@ -246,13 +261,13 @@ class ConnectionManager:
         state, _, info = self.rm.slot_info(slot)
         if state != DONE:
             log.error("slot %d completed in state %d; answering with an error", slot, state)
-            self._answer(p, b"internal error: response lost", True)
+            self._answer(p, b"internal error: response lost", INTERNAL)
             return
-        error = bool(info.flags & RESP_ERROR)
+        error = APP_ERROR if info.flags & RESP_ERROR else None
         if info.resp_blob:
             w = p.worker
             if w is None or not self.heap.adopt_buffer(info.resp_blob, w.pid, w.start):
-                self._answer(p, b"worker died before its response could be read", True)
+                self._answer(p, b"worker died before its response could be read", WORKER_DIED)
                 return
             view = self.heap.buffer_at(info.resp_data, info.resp_len)
             body = bytes(view)
@@ -265,7 +280,7 @@ class ConnectionManager:
         self.served += 1
         self._answer(p, body, error)
 
-    def _answer(self, p: Pending, body: bytes, error: bool) -> None:
+    def _answer(self, p: Pending, body: bytes, error: str | None) -> None:
         """The one place a request ends: its slot and payload are freed."""
         if p.answered:
             return
@@ -313,7 +328,7 @@ class ConnectionManager:
                 requeue.append(p)
             else:
                 why = "running" if state == RUNNING else f"in state {state}"
-                self._answer(p, f"worker {w.pid} died while the request was {why}".encode(), True)
+                self._answer(p, f"worker {w.pid} died while the request was {why}".encode(), WORKER_DIED)
         self.backlog.extendleft(reversed(requeue))
         try:
             self.heap.reclaim()

@@ -151,6 +151,12 @@ class RequestMemory:
         self._check(lib.pyshm_rm_slot_info(self._ptr, slot, self._state, self._state + 1, self._c), "slot")
         return int(self._state[0]), int(self._state[1]), _info(self._c)
 
+    def cancel(self, slot: int) -> bool:
+        """Withdraws a QUEUED request; False if its worker already took it."""
+        rc = lib.pyshm_rm_cancel(self._ptr, slot)
+        self._check(rc, "cancel")
+        return rc == 1
+
     def release(self, slot: int) -> None:
         self._check(lib.pyshm_rm_release(self._ptr, slot), "release")
 

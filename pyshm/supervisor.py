@@ -99,7 +99,7 @@ class Supervisor:
     def spawn(self, suite: str) -> Child:
         cfg = self.manager.config
         cmd = [sys.executable, "-m", "pyshm.worker", "--instance", cfg.name, "--suite", suite,
-               "--app", cfg.suites[suite].app]
+               "--app", cfg.suites[suite].app, "--interface", cfg.suites[suite].interface]
         if log.isEnabledFor(logging.INFO):
             cmd.append("-v")
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)

@@ -4,16 +4,19 @@ A Connection feeds the client's bytes to its front-end, hands the requests
 it parses to the connection manager, and writes each response the front-end
 encodes, in request order when the front-end asks for it.  Bad input: the
 responses already due go out, then the front-end's error reply, then the
-connection closes; nothing more is read."""
+connection closes; nothing more is read.  Timeouts: a connection idle longer
+than the front-end's idle_timeout, or a request not whole within
+request_timeout of its first byte (slowloris), is closed."""
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from pyshm.config import ListenConfig
-from pyshm.frontend import FrontEnd, ProtocolError, Request
+from pyshm.frontend import FrontEnd, ProtocolError, Request, Send
 
 if TYPE_CHECKING:
     from pyshm.manager import ConnectionManager
@@ -30,34 +33,46 @@ class Connection(asyncio.Protocol):
         self.manager = manager
         self.listen = listen
         self.fe = frontend(**listen.options)
+        self.idle_timeout = float(self.fe.options["idle_timeout"])
+        self.request_timeout = float(self.fe.options["request_timeout"])
         self.transport: asyncio.Transport | None = None
         self.peer = b""
         self._seq = itertools.count()
         self._next_out = 0                    # ordered front-ends: next seq to write
-        self._ready: dict[int, bytes] = {}    # ordered front-ends: written when their turn comes
+        self._ready: dict[int, tuple[bytes, bool]] = {}   # ordered: (bytes, keep alive) awaiting their turn
         self._outstanding = 0
         self._paused = False
         self._error: ProtocolError | None = None
         self._eof = False
         self._closing = False
+        self._started: float | None = None    # when the partial request's first byte came
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
         self.peer = (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)).encode()
+        self.fe.connection_made(self.peer.decode(), (sock[0], sock[1]) if isinstance(sock, tuple) else ("", 0))
         self.manager.connections.add(self)
+        self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self._error is not None:
+        if self._error is not None or self._closing:
             return
+        if self._started is None:
+            self._started = time.monotonic()
         try:
             events = self.fe.receive(data)
         except Exception:  # a front-end bug must cost one connection, not the server
             log.exception("front-end %s failed on input from %s", self.fe.name, self.peer.decode())
             events = [ProtocolError("internal front-end error")]
         self._handle(events)
+        if not self.fe.partial():
+            self._started = None
+        self._arm_timer()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -67,13 +82,15 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._timer is not None:
+            self._timer.cancel()
         self.manager.connections.discard(self)
 
     # -- requests and responses --------------------------------------------------
 
     def _handle(self, events: list) -> None:
         for ev in events:
-            if self._error is not None:
+            if self._error is not None or self._closing:
                 break
             if isinstance(ev, Request):
                 seq = next(self._seq)
@@ -81,6 +98,9 @@ class Connection(asyncio.Protocol):
                 suite = self.listen.suite_for(ev.route)
                 self.manager.submit(suite, ev, self.peer, lambda body, error, seq=seq, req=ev:
                                     self._answered(seq, req, body, error))
+            elif isinstance(ev, Send):
+                if self.transport is not None:
+                    self.transport.write(ev.data)
             else:
                 log.info("closing %s: %s", self.peer.decode(), ev.message)
                 self._error = ev
@@ -91,22 +111,30 @@ class Connection(asyncio.Protocol):
             self._paused = True
             self.transport.pause_reading()
 
-    def _answered(self, seq: int, req: Request, body: bytes, error: bool) -> None:
+    def _answered(self, seq: int, req: Request, body: bytes, error: str | None) -> None:
         self._outstanding -= 1
-        if self.transport is None:
+        if self.transport is None or self._closing:
             return
-        out = self.fe.response(req, body, error=error)
+        out = (self.fe.response(req, body, error=error), self.fe.keep_alive(req))
         if not self.fe.ordered:
-            self.transport.write(out)
+            self._write(*out)
         else:
             self._ready[seq] = out
-            while self._next_out in self._ready:
-                self.transport.write(self._ready.pop(self._next_out))
+            while self._next_out in self._ready and not self._closing:
+                self._write(*self._ready.pop(self._next_out))
                 self._next_out += 1
-        if self._paused and self._outstanding <= RESUME_AT and self._error is None:
+        if self._paused and self._outstanding <= RESUME_AT and self._error is None and self.transport:
             self._paused = False
             self.transport.resume_reading()
         self._maybe_close()
+        self._arm_timer()
+
+    def _write(self, data: bytes, keep_alive: bool) -> None:
+        self.transport.write(data)
+        if not keep_alive:
+            # Nothing after this answer: the client asked to close.
+            self._closing = True
+            self.transport.close()
 
     def _maybe_close(self) -> None:
         """Closes once every answer is out, after an error or the client's EOF."""
@@ -123,6 +151,34 @@ class Connection(asyncio.Protocol):
                 t.write_eof()
                 asyncio.get_running_loop().call_later(LINGER, t.close)
                 return
+        t.close()
+
+    # -- timeouts -------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is None or self._closing or self._outstanding:
+            return   # a request in flight is the manager's to time out
+        if self._started is not None:
+            delay = self._started + self.request_timeout - time.monotonic()
+        else:
+            delay = self.idle_timeout
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        t = self.transport
+        if t is None or self._closing or self._outstanding:
+            return
+        partial = self._started is not None
+        log.info("closing %s: %s", self.peer.decode(), "request not whole in time" if partial else "idle")
+        self._closing = True
+        if partial:
+            reply = self.fe.timeout_reply()
+            if reply:
+                t.write(reply)
         t.close()
 
     def shutdown(self) -> None:

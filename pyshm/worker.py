@@ -24,7 +24,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pyshm import control
+from pyshm import control, wsgi
 from pyshm._native import lib
 from pyshm.errors import PyshmError
 from pyshm.heap import SharedHeap
@@ -62,11 +62,12 @@ def import_app(spec: str) -> Callable[..., Any]:
 class Worker:
     TAKE_TIMEOUT_MS = 200   # how often an idle worker looks at its control socket
 
-    def __init__(self, instance: str, suite: str, app: Callable[..., Any]) -> None:
+    def __init__(self, instance: str, suite: str, app: Callable[..., Any], interface: str = "handler") -> None:
         global _heap
         self.instance = instance
         self.suite = suite
         self.app = app
+        self.call = self._call_wsgi if interface == "wsgi" else self._call_handler
         start = _start_time(os.getpid())
         self.ctl, reply, self.wake_fd = control.connect(instance, {"pid": os.getpid(), "start": start,
                                                                    "suite": suite})
@@ -111,9 +112,7 @@ class Worker:
             payload = self.rm.buf[info.req_data:info.req_data + info.req_len].toreadonly()
         error = False
         try:
-            body = self.app(Request(payload, info.session if any(info.session) else None, info.peer))
-            if not isinstance(body, (bytes, bytearray, memoryview)):
-                raise TypeError(f"the application returned {type(body).__name__}, not bytes")
+            body = self.call(payload, info)
         except Exception as exc:
             log.error("worker %d: application error\n%s", self.index, traceback.format_exc())
             body = f"application error: {type(exc).__name__}: {exc}".encode()
@@ -121,6 +120,15 @@ class Worker:
         finally:
             payload.release()
         self.respond(info.slot, body, error)
+
+    def _call_handler(self, payload: memoryview, info: SlotInfo) -> bytes:
+        body = self.app(Request(payload, info.session if any(info.session) else None, info.peer))
+        if not isinstance(body, (bytes, bytearray, memoryview)):
+            raise TypeError(f"the application returned {type(body).__name__}, not bytes")
+        return body
+
+    def _call_wsgi(self, payload: memoryview, info: SlotInfo) -> bytes:
+        return wsgi.call(self.app, payload, info.peer)
 
     def respond(self, slot: int, body: bytes | bytearray | memoryview, error: bool) -> None:
         if isinstance(body, memoryview) and (body.format != "B" or body.ndim != 1):
@@ -155,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instance", required=True)
     p.add_argument("--suite", required=True)
     p.add_argument("--app", required=True)
+    p.add_argument("--interface", choices=("handler", "wsgi"), default="handler",
+                   help="handler: handle(request) -> bytes; wsgi: a WSGI application")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     app = import_app(args.app)
-    worker = Worker(args.instance, args.suite, app)
+    worker = Worker(args.instance, args.suite, app, args.interface)
 
     def stop(signum: int, frame: Any) -> None:
         worker.stopping = True

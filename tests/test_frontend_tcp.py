@@ -47,8 +47,8 @@ def test_oversized_frame_is_refused_before_its_body():
 
 def test_error_responses_set_the_top_bit():
     fe = TcpFrontEnd()
-    assert fe.response(Request(b""), b"no", error=True) == struct.pack(">I", 0x8000_0002) + b"no"
-    assert fe.response(Request(b""), b"ok", error=False) == struct.pack(">I", 2) + b"ok"
+    assert fe.response(Request(b""), b"no", error="application") == struct.pack(">I", 0x8000_0002) + b"no"
+    assert fe.response(Request(b""), b"ok", error=None) == struct.pack(">I", 2) + b"ok"
 
 
 def test_unknown_option_is_named():
