@@ -8,6 +8,7 @@ from pyshm.errors import (
     SegmentNotFound,
 )
 from pyshm.heap import HeapStats, SharedHeap
+from pyshm.rpc import RpcRegistry, endpoint, rpc_method
 
 __all__ = [
     "SharedHeap", "HeapStats", "Snapshot", "shareable",
@@ -15,5 +16,6 @@ __all__ = [
     "PyshmError", "ClosureError", "ClosureNotFound", "ClosureReleased", "HeapFull",
     "HeapCorrupt", "SegmentError", "SegmentExists", "SegmentNotFound", "LayoutMismatch",
     "PinLimit", "ReaderTableFull", "DirectoryFull",
+    "RpcRegistry", "rpc_method", "endpoint",
 ]
 __version__ = "0.1.0"

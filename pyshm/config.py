@@ -33,8 +33,8 @@ from pyshm.errors import PyshmError
 from pyshm.sizes import parse_size
 
 POLICIES = ("least-loaded", "round-robin")
-INTERFACES = ("handler", "wsgi")
-FRONTEND_INTERFACE = {"http": "wsgi"}   # others: handler
+INTERFACES = ("handler", "wsgi", "rpc")
+FRONTEND_INTERFACE = {"http": "wsgi", "msgpack-rpc": "rpc"}   # others: handler
 
 
 class ConfigError(PyshmError, ValueError):
@@ -114,9 +114,9 @@ def parse_address(value: str, where: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _app(value: Any, where: str) -> str:
+def _app(value: Any, where: str, *, module_alone: bool = False) -> str:
     mod, sep, attr = _typed(value, where, str).partition(":")
-    if not sep or not mod or not attr:
+    if not mod or (sep and not attr) or (not sep and not module_alone):
         raise ConfigError(f"{where} must be module:attribute (e.g. myapp:handle), not {value!r}")
     return value
 
@@ -127,7 +127,7 @@ def _suite(name: str, t: Any) -> SuiteConfig:
     unknown = set(t) - {"app", "workers", "policy", "interface"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]} is not a suite setting (app, workers, policy, interface)")
-    s = SuiteConfig(name, _app(t.get("app"), f"{where}.app"))
+    s = SuiteConfig(name, _app(t.get("app"), f"{where}.app", module_alone=True))
     if "workers" in t:
         s.workers = _typed(t["workers"], f"{where}.workers", int)
         if not 1 <= s.workers <= 1024:
@@ -178,6 +178,9 @@ def _infer_interfaces(suites: dict[str, SuiteConfig], listen: list[ListenConfig]
             raise ConfigError(f"suites.{name} is fed by front-ends that need different application "
                               f"interfaces ({', '.join(sorted(implied))}); set suites.{name}.interface")
         s.interface = implied.pop() if implied else "handler"
+    for name, s in suites.items():
+        if s.interface != "rpc":
+            _app(s.app, f"suites.{name}.app")   # only an RPC suite may name a module alone
 
 
 def from_dict(data: dict[str, Any]) -> Config:

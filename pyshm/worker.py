@@ -24,7 +24,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pyshm import control, wsgi
+from pyshm import control, rpc, wsgi
 from pyshm._native import lib
 from pyshm.errors import PyshmError
 from pyshm.heap import SharedHeap
@@ -49,9 +49,18 @@ class Request:
     peer: str
 
 
-def import_app(spec: str) -> Callable[..., Any]:
+class _Quiet(Exception):
+    """An error answer that is not worth a traceback in the log."""
+
+
+def import_app(spec: str, interface: str = "handler") -> Any:
     mod, _, attr = spec.partition(":")
     obj: Any = importlib.import_module(mod)
+    if interface == "rpc":
+        obj = getattr(obj, attr) if attr else rpc.methods
+        if not isinstance(obj, rpc.RpcRegistry):
+            raise TypeError(f"{spec} is not a pyshm.RpcRegistry")
+        return obj
     for part in attr.split("."):
         obj = getattr(obj, part)
     if not callable(obj):
@@ -67,7 +76,7 @@ class Worker:
         self.instance = instance
         self.suite = suite
         self.app = app
-        self.call = self._call_wsgi if interface == "wsgi" else self._call_handler
+        self.call = {"wsgi": self._call_wsgi, "rpc": self._call_rpc}.get(interface, self._call_handler)
         start = _start_time(os.getpid())
         self.ctl, reply, self.wake_fd = control.connect(instance, {"pid": os.getpid(), "start": start,
                                                                    "suite": suite})
@@ -113,6 +122,8 @@ class Worker:
         error = False
         try:
             body = self.call(payload, info)
+        except _Quiet as exc:          # the client's mistake, not the application's
+            body, error = str(exc).encode(), True
         except Exception as exc:
             log.error("worker %d: application error\n%s", self.index, traceback.format_exc())
             body = f"application error: {type(exc).__name__}: {exc}".encode()
@@ -129,6 +140,12 @@ class Worker:
 
     def _call_wsgi(self, payload: memoryview, info: SlotInfo) -> bytes:
         return wsgi.call(self.app, payload, info.peer)
+
+    def _call_rpc(self, payload: memoryview, info: SlotInfo) -> bytes:
+        try:
+            return rpc.call(self.app, payload) or b""
+        except rpc.UnknownMethod as e:
+            raise _Quiet(str(e)) from None
 
     def respond(self, slot: int, body: bytes | bytearray | memoryview, error: bool) -> None:
         if isinstance(body, memoryview) and (body.format != "B" or body.ndim != 1):
@@ -163,15 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instance", required=True)
     p.add_argument("--suite", required=True)
     p.add_argument("--app", required=True)
-    p.add_argument("--interface", choices=("handler", "wsgi"), default="handler",
-                   help="handler: handle(request) -> bytes; wsgi: a WSGI application")
+    p.add_argument("--interface", choices=("handler", "wsgi", "rpc"), default="handler",
+                   help="handler: handle(request) -> bytes; wsgi: a WSGI application; rpc: an RpcRegistry")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"%(levelname)s worker[{os.getpid()}] %(name)s: %(message)s")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    app = import_app(args.app)
+    app = import_app(args.app, args.interface)
     worker = Worker(args.instance, args.suite, app, args.interface)
 
     def stop(signum: int, frame: Any) -> None:

@@ -1,0 +1,50 @@
+"""msgpack-RPC methods the RPC tests serve."""
+from __future__ import annotations
+
+import os
+import time
+
+import pyshm
+
+notes: list = []
+
+
+@pyshm.rpc_method
+def add(a, b):
+    return a + b
+
+
+@pyshm.rpc_method
+def sleep(secs, tag):
+    time.sleep(secs)
+    return tag
+
+
+@pyshm.rpc_method
+def pid():
+    return os.getpid()
+
+
+@pyshm.rpc_method
+def fail(msg):
+    raise ValueError(msg)
+
+
+@pyshm.rpc_method
+def note(x):          # a notification target: its result is never sent
+    notes.append(x)
+
+
+@pyshm.rpc_method
+def noted():
+    return notes
+
+
+@pyshm.endpoint
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def incr(self, by=1):
+        self.n += by
+        return self.n
