@@ -232,12 +232,12 @@ int pyshm_rm_submit(pyshm_reqmem_t *rm, uint32_t w, uint32_t slot, uint64_t seq,
     memcpy(s->peer, peer, s->peer_len);
     __atomic_store_n(&s->state, PYSHM_SLOT_QUEUED, __ATOMIC_RELEASE);
     ring_push(rm, w, 0, slot);
-    /* Wake the worker only if it sleeps (or is about to): the seq_cst pair
-     * (tail store above / sleeping load here, sleeping store / tail load in
-     * take) guarantees one of the two sides sees the other. */
+    /* Does the worker need waking?  Only if it sleeps (or is about to): the
+     * seq_cst pair (tail store above / sleeping load here, sleeping store /
+     * tail load in take) guarantees one of the two sides sees the other.
+     * The caller wakes it (pyshm_rm_interrupt), once per batch. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&wk->sleeping, __ATOMIC_SEQ_CST)) pyshm_rm_interrupt(rm, w);
-    return PYSHM_OK;
+    return __atomic_load_n(&wk->sleeping, __ATOMIC_SEQ_CST) ? 1 : PYSHM_OK;
 }
 
 int pyshm_rm_interrupt(pyshm_reqmem_t *rm, uint32_t w) {

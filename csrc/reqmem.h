@@ -65,7 +65,8 @@ uint64_t pyshm_rm_resp_off(pyshm_reqmem_t *rm, uint32_t slot);  /* inline respon
 int pyshm_rm_bind_worker(pyshm_reqmem_t *rm, uint32_t w, int64_t pid, uint64_t start, uint64_t *gen);
 int pyshm_rm_unbind_worker(pyshm_reqmem_t *rm, uint32_t w);
 /* req_blob/req_data: 0, or a heap blob and the heap offset of its data
- * when the request did not fit inline. */
+ * when the request did not fit inline.  Returns 1 when worker w sleeps and
+ * must be woken with pyshm_rm_interrupt (after a batch of submits), else 0. */
 int pyshm_rm_submit(pyshm_reqmem_t *rm, uint32_t w, uint32_t slot, uint64_t seq, uint64_t req_len,
                     uint64_t req_blob, uint64_t req_data, const uint8_t *session, const char *peer,
                     uint32_t peer_len);

@@ -31,31 +31,68 @@ FEED_PIECE = 8192     # bytes fed to the parser at a time, so header limits bite
 
 # -- the wire format between front-end and worker --------------------------------------
 
-def encode_request(method: str, target: bytes, version: str, headers: list[tuple[bytes, bytes]],
-                   server: tuple[str, int], body: bytes) -> bytes:
-    head = msgpack.packb([method, target, version, headers, list(server)])
-    return _LEN.pack(len(head)) + head + body
+@dataclass
+class RequestHead:
+    method: str
+    target: bytes
+    version: str          # "1.1" or "1.0"
+    keep_alive: bool
+    headers: list[tuple[bytes, bytes]]
+    server: tuple[str, int]
 
 
-def decode_request(payload: memoryview) -> tuple[str, bytes, str, list, tuple[str, int], memoryview]:
+def encode_request(head: RequestHead, body: bytes) -> bytes:
+    packed = msgpack.packb([head.method, head.target, head.version, head.keep_alive, head.headers,
+                            list(head.server)])
+    return _LEN.pack(len(packed)) + packed + body
+
+
+def decode_request(payload: memoryview) -> tuple[RequestHead, memoryview]:
     (n,) = _LEN.unpack_from(payload)
-    method, target, version, headers, server = msgpack.unpackb(payload[4:4 + n])
-    return method, target, version, [tuple(h) for h in headers], (server[0], server[1]), payload[4 + n:]
+    method, target, version, keep_alive, headers, server = msgpack.unpackb(payload[4:4 + n])
+    return (RequestHead(method, target, version, keep_alive, [tuple(h) for h in headers], (server[0], server[1])),
+            payload[4 + n:])
 
 
-def encode_response(status: str, headers: list[tuple[str, str]], chunks: list[bytes], streamed: bool) -> bytes:
-    """streamed: the application gave no Content-Length and yielded its body
-    piece by piece; the chunk sizes are kept for a chunked answer."""
-    sizes = [len(c) for c in chunks] if streamed else None
-    head = msgpack.packb([status, headers, sizes])
-    return _LEN.pack(len(head)) + head + b"".join(chunks)
-
-
-def decode_response(data: bytes) -> tuple[str, list, list[int] | None, memoryview]:
-    mv = memoryview(data)
-    (n,) = _LEN.unpack_from(mv)
-    status, headers, sizes = msgpack.unpackb(mv[4:4 + n])
-    return status, headers, sizes, mv[4 + n:]
+def render_response(head: RequestHead, status: str, headers: list[tuple[str, str]], chunks: list[bytes],
+                    streamed: bool) -> bytes:
+    """The whole HTTP answer, built in the worker (the manager only sends
+    it).  streamed: the application gave no Content-Length and yielded its
+    body piece by piece: chunked on HTTP/1.1."""
+    lines = [f"HTTP/{head.version} {status}"]
+    has_length = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname.encode() in _HOP:
+            continue
+        has_length |= lname == "content-length"
+        lines.append(f"{name}: {value}")
+    code = int(status[:3])
+    bodiless = code in (204, 304) or 100 <= code < 200
+    chunked = False
+    if not has_length and not bodiless:
+        if streamed and head.version == "1.1":
+            chunked = True
+            lines.append("transfer-encoding: chunked")
+        else:
+            lines.append(f"content-length: {sum(len(c) for c in chunks)}")
+    lines.append(f"date: {_date()}")
+    lines.append("server: pyshm")
+    if not head.keep_alive:
+        lines.append("connection: close")
+    elif head.version == "1.0":
+        lines.append("connection: keep-alive")
+    out = [("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")]
+    if head.method == "HEAD" or bodiless:
+        return out[0]
+    if chunked:
+        for c in chunks:
+            if c:
+                out += [b"%x\r\n" % len(c), c, b"\r\n"]
+        out.append(b"0\r\n\r\n")
+    else:
+        out += chunks
+    return b"".join(out)
 
 
 # -- the front-end ---------------------------------------------------------------------------
@@ -63,15 +100,6 @@ def decode_response(data: bytes) -> tuple[str, list, list[int] | None, memoryvie
 class _Limit(Exception):
     def __init__(self, status: int, why: str) -> None:
         self.status, self.why = status, why
-
-
-@dataclass
-class HttpMeta:
-    method: str
-    target: bytes
-    version: str
-    keep_alive: bool
-    started: float
 
 
 def simple_response(status: int, text: str, *, close: bool, version: str = "1.1") -> bytes:
@@ -214,10 +242,9 @@ class HttpFrontEnd(FrontEnd):
         version = self.parser.get_http_version()
         keep_alive = self.parser.should_keep_alive()
         method = self.parser.get_method().decode("ascii", "replace")
-        path = self._url.split(b"?", 1)[0]
-        payload = encode_request(method, self._url, version, self._headers, self.server, bytes(self._body))
-        self._events.append(Request(payload, route=path,
-                                    meta=HttpMeta(method, self._url, version, keep_alive, time.monotonic())))
+        head = RequestHead(method, self._url, version, keep_alive, self._headers, self.server)
+        self._events.append(Request(encode_request(head, bytes(self._body)), route=self._url.split(b"?", 1)[0],
+                                    meta=head))
         if not keep_alive:
             self._dead = True      # nothing after a request that closes the connection
         self._reset()
@@ -228,57 +255,18 @@ class HttpFrontEnd(FrontEnd):
         return request.meta.keep_alive
 
     def response(self, request: Request, body: bytes, *, error: str | None) -> bytes:
-        meta: HttpMeta = request.meta
+        head: RequestHead = request.meta
         if error is not None:
             status = _ERROR_STATUS.get(error, 500)
-            out = simple_response(status, HTTPStatus(status).phrase if status == 500 else body.decode("utf-8", "replace"),
-                                  close=not meta.keep_alive, version=meta.version)
-            self._log(meta, status, len(out))
-            return out
-        status, headers, sizes, content = decode_response(body)
-        lines = [f"HTTP/{meta.version} {status}"]
-        has_length = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname.encode() in _HOP:
-                continue
-            has_length |= lname == "content-length"
-            lines.append(f"{name}: {value}")
-        code = int(status[:3])
-        no_body = meta.method == "HEAD" or code in (204, 304) or 100 <= code < 200
-        chunked = False
-        if not has_length and code not in (204, 304) and not 100 <= code < 200:
-            if sizes is not None and meta.version == "1.1":
-                chunked = True
-                lines.append("transfer-encoding: chunked")
-            else:
-                lines.append(f"content-length: {len(content)}")
-        lines.append(f"date: {_date()}")
-        lines.append("server: pyshm")
-        if not meta.keep_alive:
-            lines.append("connection: close")
-        elif meta.version == "1.0":
-            lines.append("connection: keep-alive")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        if no_body:
-            out = head
-        elif chunked:
-            parts, pos = [head], 0
-            for n in sizes:
-                if n:
-                    parts += [b"%x\r\n" % n, content[pos:pos + n], b"\r\n"]
-                pos += n
-            parts.append(b"0\r\n\r\n")
-            out = b"".join(parts)
-        else:
-            out = head + content
-        self._log(meta, code, len(content))
-        return out
-
-    def _log(self, meta: HttpMeta, status: int, size: int) -> None:
+            text = HTTPStatus(status).phrase if status == 500 else body.decode("utf-8", "replace")
+            body = simple_response(status, text, close=not head.keep_alive, version=head.version)
         if self.access_log:
-            host = self.peer.rsplit(":", 1)[0]
-            when = time.strftime("%d/%b/%Y:%H:%M:%S %z")
-            target = meta.target.decode("latin-1")
-            access_log.info('%s - - [%s] "%s %s HTTP/%s" %d %d', host, when, meta.method, target, meta.version,
-                            status, size)
+            self._log(head, int(body[9:12]), len(body) - body.find(b"\r\n\r\n") - 4)
+        return body   # the worker rendered it (render_response)
+
+    def _log(self, head: RequestHead, status: int, size: int) -> None:
+        host = self.peer.rsplit(":", 1)[0]
+        when = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+        target = head.target.decode("latin-1")
+        access_log.info('%s - - [%s] "%s %s HTTP/%s" %d %d', host, when, head.method, target, head.version,
+                        status, size)

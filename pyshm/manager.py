@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 Reply = Callable[[bytes, "str | None"], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A request between its arrival and its response."""
     suite: str
@@ -71,6 +71,7 @@ class ConnectionManager:
         self.rm: RequestMemory | None = None
         self.wake_fd = -1
         self.free_slots: list[int] = []
+        self._to_wake: set[int] = set()
         self._seq = 0
         self.stopping = False
         self.supervisor = Supervisor(self)
@@ -126,10 +127,11 @@ class ConnectionManager:
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.supervisor.reload)
-            timer = loop.create_task(self._expire_queued())
+            timers = [loop.create_task(self._expire_queued()), loop.create_task(self._sweep_connections())]
             self.ready.set()
             await stop.wait()
-            timer.cancel()
+            for timer in timers:
+                timer.cancel()
             await self.shutdown()
             return 0
         finally:
@@ -187,11 +189,23 @@ class ConnectionManager:
             except HeapFull as e:
                 self._answer(p, f"request too large for the server's memory: {e}".encode(), TOO_LARGE)
                 return True
-        rm.submit(worker.index, p.slot, p.seq, len(p.request.payload), blob=p.blob, data=p.data,
-                  session=p.request.session, peer=p.peer)
+        if rm.submit(worker.index, p.slot, p.seq, len(p.request.payload), blob=p.blob, data=p.data,
+                     session=p.request.session, peer=p.peer):
+            self._wake_later(worker.index)
         p.worker = worker
         worker.inflight += 1
         return True
+
+    def _wake_later(self, index: int) -> None:
+        """Sleeping workers are woken once per loop iteration, not per request."""
+        if not self._to_wake:
+            asyncio.get_running_loop().call_soon(self._wake_all)
+        self._to_wake.add(index)
+
+    def _wake_all(self) -> None:
+        for index in self._to_wake:
+            self.rm.interrupt(index)
+        self._to_wake.clear()
 
     def _write_payload(self, p: Pending) -> None:
         payload = p.request.payload
@@ -213,6 +227,13 @@ class ConnectionManager:
             if not self._place(p):
                 kept.append(p)
         self.backlog = kept
+
+    async def _sweep_connections(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.check_timeouts(now)
 
     async def _expire_queued(self) -> None:
         """A request not started within queue_timeout (waiting for a slot or
@@ -258,23 +279,23 @@ class ConnectionManager:
         p = self.pending.get(slot)
         if p is None or p.answered:
             return
-        state, _, info = self.rm.slot_info(slot)
+        state, flags, length, blob, data = self.rm.response(slot)
         if state != DONE:
             log.error("slot %d completed in state %d; answering with an error", slot, state)
             self._answer(p, b"internal error: response lost", INTERNAL)
             return
-        error = APP_ERROR if info.flags & RESP_ERROR else None
-        if info.resp_blob:
+        error = APP_ERROR if flags & RESP_ERROR else None
+        if blob:
             w = p.worker
-            if w is None or not self.heap.adopt_buffer(info.resp_blob, w.pid, w.start):
+            if w is None or not self.heap.adopt_buffer(blob, w.pid, w.start):
                 self._answer(p, b"worker died before its response could be read", WORKER_DIED)
                 return
-            view = self.heap.buffer_at(info.resp_data, info.resp_len)
+            view = self.heap.buffer_at(data, length)
             body = bytes(view)
             view.release()
-            self.heap.free_buffer(info.resp_blob)
+            self.heap.free_buffer(blob)
         else:
-            body = bytes(self.rm.buf[info.resp_data:info.resp_data + info.resp_len])
+            body = bytes(self.rm.buf[data:data + length])
         if p.worker is not None:
             p.worker.served += 1
         self.served += 1

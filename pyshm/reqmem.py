@@ -130,13 +130,16 @@ class RequestMemory:
         self._check(lib.pyshm_rm_unbind_worker(self._ptr, w), "unbind worker")
 
     def submit(self, w: int, slot: int, seq: int, req_len: int, *, blob: int = 0, data: int = 0,
-               session: bytes | None = None, peer: bytes = b"") -> None:
+               session: bytes | None = None, peer: bytes = b"") -> bool:
+        """Queues slot on worker w's ring; True when w sleeps and needs an
+        interrupt() (the caller batches them)."""
         rc = lib.pyshm_rm_submit(self._ptr, w, slot, seq, req_len, blob, data,
                                  session if session else ffi.NULL, peer, len(peer))
         if rc == -13:
             raise ValueError(f"a request of {req_len} bytes does not fit the slot's {self.inline_size} "
                              f"inline bytes; put it in a heap buffer")
         self._check(rc, "submit")
+        return rc == 1
 
     def drain(self, w: int) -> list[int]:
         n = lib.pyshm_rm_drain(self._ptr, w, self._drained, self.n_slots)
@@ -156,6 +159,13 @@ class RequestMemory:
         rc = lib.pyshm_rm_cancel(self._ptr, slot)
         self._check(rc, "cancel")
         return rc == 1
+
+    def response(self, slot: int) -> tuple[int, int, int, int, int]:
+        """(state, flags, resp_len, resp_blob, resp_data): what the manager
+        needs of a completed slot, without building a SlotInfo."""
+        c = self._c
+        self._check(lib.pyshm_rm_slot_info(self._ptr, slot, self._state, self._state + 1, c), "slot")
+        return self._state[0], c.flags, c.resp_len, c.resp_blob, c.resp_data
 
     def release(self, slot: int) -> None:
         self._check(lib.pyshm_rm_release(self._ptr, slot), "release")

@@ -46,7 +46,7 @@ class Connection(asyncio.Protocol):
         self._eof = False
         self._closing = False
         self._started: float | None = None    # when the partial request's first byte came
-        self._timer: asyncio.TimerHandle | None = None
+        self._idle_since = time.monotonic()   # last time nothing was partial or in flight
 
     # -- asyncio callbacks ------------------------------------------------------
 
@@ -57,13 +57,12 @@ class Connection(asyncio.Protocol):
         self.peer = (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)).encode()
         self.fe.connection_made(self.peer.decode(), (sock[0], sock[1]) if isinstance(sock, tuple) else ("", 0))
         self.manager.connections.add(self)
-        self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
         if self._error is not None or self._closing:
             return
         if self._started is None:
-            self._started = time.monotonic()
+            self._started = self._idle_since = time.monotonic()
         try:
             events = self.fe.receive(data)
         except Exception:  # a front-end bug must cost one connection, not the server
@@ -72,7 +71,6 @@ class Connection(asyncio.Protocol):
         self._handle(events)
         if not self.fe.partial():
             self._started = None
-        self._arm_timer()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -82,8 +80,6 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self._timer is not None:
-            self._timer.cancel()
         self.manager.connections.discard(self)
 
     # -- requests and responses --------------------------------------------------
@@ -126,8 +122,9 @@ class Connection(asyncio.Protocol):
         if self._paused and self._outstanding <= RESUME_AT and self._error is None and self.transport:
             self._paused = False
             self.transport.resume_reading()
+        if not self._outstanding:
+            self._idle_since = time.monotonic()
         self._maybe_close()
-        self._arm_timer()
 
     def _write(self, data: bytes, keep_alive: bool) -> None:
         self.transport.write(data)
@@ -155,30 +152,24 @@ class Connection(asyncio.Protocol):
 
     # -- timeouts -------------------------------------------------------------------------
 
-    def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self.transport is None or self._closing or self._outstanding:
-            return   # a request in flight is the manager's to time out
-        if self._started is not None:
-            delay = self._started + self.request_timeout - time.monotonic()
-        else:
-            delay = self.idle_timeout
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._timed_out)
-
-    def _timed_out(self) -> None:
-        self._timer = None
+    def check_timeouts(self, now: float) -> None:
+        """Called about twice a second by the manager's sweep (one timer for
+        all connections, none per request)."""
         t = self.transport
         if t is None or self._closing or self._outstanding:
-            return
-        partial = self._started is not None
-        log.info("closing %s: %s", self.peer.decode(), "request not whole in time" if partial else "idle")
-        self._closing = True
-        if partial:
+            return   # a request in flight is the manager's to time out
+        if self._started is not None:
+            if now - self._started < self.request_timeout:
+                return
+            log.info("closing %s: request not whole in time", self.peer.decode())
             reply = self.fe.timeout_reply()
             if reply:
                 t.write(reply)
+        elif now - self._idle_since < self.idle_timeout:
+            return
+        else:
+            log.info("closing %s: idle", self.peer.decode())
+        self._closing = True
         t.close()
 
     def shutdown(self) -> None:

@@ -2,9 +2,9 @@
 
 The request arrives as frontends/http.py encoded it, in shared memory:
 `wsgi.input` reads the body in place.  The whole answer is collected (the
-application's iterable is drained and closed) and encoded for the front-end,
-which writes it with a Content-Length, or chunked when the application
-streamed it without one."""
+application's iterable is drained and closed) and rendered here as the
+complete HTTP answer (with a Content-Length, or chunked when the application
+streamed it without one): the manager only sends it."""
 from __future__ import annotations
 
 import io
@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
-from pyshm.frontends.http import decode_request, encode_response
+from pyshm.frontends.http import RequestHead, decode_request, render_response
 
 
 class BodyInput(io.RawIOBase):
@@ -48,8 +48,8 @@ class BodyInput(io.RawIOBase):
             yield line
 
 
-def environ_for(payload: memoryview, peer: str) -> dict[str, Any]:
-    method, target, version, headers, server, body = decode_request(payload)
+def environ_for(head: RequestHead, body: memoryview, peer: str) -> dict[str, Any]:
+    method, target, version, headers, server = head.method, head.target, head.version, head.headers, head.server
     path, _, query = target.partition(b"?")
     env: dict[str, Any] = {
         "REQUEST_METHOD": method,
@@ -88,7 +88,8 @@ def environ_for(payload: memoryview, peer: str) -> dict[str, Any]:
 
 def call(app: Callable[..., Any], payload: memoryview, peer: str) -> bytes:
     """Runs one request through `app`; returns the encoded answer."""
-    env = environ_for(payload, peer)
+    head, body = decode_request(payload)
+    env = environ_for(head, body, peer)
     state: dict[str, Any] = {}
     chunks: list[bytes] = []
 
@@ -120,4 +121,4 @@ def call(app: Callable[..., Any], payload: memoryview, peer: str) -> bytes:
         raise RuntimeError("the WSGI application returned without calling start_response")
     has_length = any(k.lower() == "content-length" for k, _ in state["headers"])
     streamed = not has_length and not isinstance(result, (list, tuple)) and pieces_yielded > 1
-    return encode_response(state["status"], state["headers"], chunks, streamed)
+    return render_response(head, state["status"], state["headers"], chunks, streamed)

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyshm.frontend import ProtocolError, Request, Send
-from pyshm.frontends.http import HttpFrontEnd, decode_request, encode_response
+from pyshm.frontends.http import HttpFrontEnd, decode_request, render_response
 
 VALID = [
     b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -31,8 +31,8 @@ def test_pipelined_requests_split_anywhere(msgs, cuts):
     reqs = [e for e in events if isinstance(e, Request)]
     assert len(reqs) == len(msgs) and not [e for e in events if isinstance(e, ProtocolError)]
     for req, msg in zip(reqs, msgs):
-        method, target, version, headers, _, body = decode_request(memoryview(req.payload))
-        assert msg.startswith(method.encode() + b" " + target)
+        head, body = decode_request(memoryview(req.payload))
+        assert msg.startswith(head.method.encode() + b" " + head.target)
         expected = {VALID[1]: b"hello", VALID[2]: b"abcde", VALID[3]: b"ok"}.get(msg, b"")
         assert bytes(body) == expected
     assert sum(isinstance(e, Send) for e in events) == msgs.count(VALID[3])   # one 100 Continue each
@@ -56,8 +56,7 @@ def test_garbage_and_mutations_give_only_protocol_events(data, cuts):
 def test_head_and_http10_answers():
     fe = HttpFrontEnd()
     (req,) = [e for e in fe.receive(VALID[4]) if isinstance(e, Request)]
-    out = fe.response(req, encode_response("200 OK", [("Content-Type", "text/plain")], [b"body!"], False),
-                      error=None)
+    out = render_response(req.meta, "200 OK", [("Content-Type", "text/plain")], [b"body!"], False)
     head, body = out.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.0 200 OK") and b"content-length: 5" in head and body == b""
     assert b"connection: close" in head and not fe.keep_alive(req)
@@ -66,7 +65,7 @@ def test_head_and_http10_answers():
 def test_streamed_answers_are_chunked_on_1_1_and_errors_map_to_statuses():
     fe = HttpFrontEnd()
     (req,) = fe.receive(VALID[0])
-    out = fe.response(req, encode_response("200 OK", [], [b"ab", b"cde"], True), error=None)
+    out = render_response(req.meta, "200 OK", [], [b"ab", b"cde"], True)
     assert b"transfer-encoding: chunked" in out and out.endswith(b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n")
     assert fe.response(req, b"x", error="unavailable").startswith(b"HTTP/1.1 503 ")
     assert fe.response(req, b"secret traceback", error="application").startswith(b"HTTP/1.1 500 ")

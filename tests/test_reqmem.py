@@ -62,7 +62,8 @@ def test_take_sleeps_until_a_submit_wakes_it(rm):
     t0 = time.monotonic()
     t.start()
     time.sleep(0.2)
-    rm.submit(0, 5, 7, 0)
+    assert rm.submit(0, 5, 7, 0), "the worker sleeps: the submitter is told to wake it"
+    rm.interrupt(0)
     t.join(5)
     assert got and got[0].slot == 5 and time.monotonic() - t0 < 5
 

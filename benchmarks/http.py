@@ -1,0 +1,125 @@
+"""HTTP requests/s, side by side in one run: pyshm (2 workers) against
+uvicorn (httptools + uvloop, 1 worker, a raw ASGI app) and gunicorn (sync,
+2 workers), all driven by `wrk -t2 -c64` on this machine.
+
+    python benchmarks/http.py [--duration 10]
+
+Prints requests/s, latency p50/p99 from wrk, and the ratios."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+APPS = '''
+BODY_10K = b"x" * 10240
+
+def wsgi(environ, start_response):
+    body = BODY_10K if environ["PATH_INFO"] == "/10k" else b"Hello, world!"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+async def asgi(scope, receive, send):
+    body = BODY_10K if scope["path"] == "/10k" else b"Hello, world!"
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def servers(tmp: str) -> dict[str, tuple[list[str], int]]:
+    venv_bin = os.path.dirname(sys.executable)
+    p1, p2, p3 = free_port(), free_port(), free_port()
+    return {
+        "pyshm (2 workers)": ([os.path.join(venv_bin, "pyshm"), "serve", "bench_apps:wsgi", "--http",
+                               f"127.0.0.1:{p1}", "--workers", "2", "--name", f"bench-http-{os.getpid()}"], p1),
+        "uvicorn (httptools, uvloop, 1 worker)": ([sys.executable, "-m", "uvicorn", "bench_apps:asgi", "--port",
+                                                   str(p2), "--http", "httptools", "--loop", "uvloop",
+                                                   "--log-level", "warning", "--no-access-log"], p2),
+        "gunicorn (sync, 2 workers)": ([sys.executable, "-m", "gunicorn", "bench_apps:wsgi", "-b",
+                                        f"127.0.0.1:{p3}", "-w", "2", "-k", "sync", "--log-level", "warning"], p3),
+    }
+
+
+def wrk(url: str, duration: int) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{duration}s", "--latency", url], capture_output=True,
+                         text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def lat(pct: str) -> float:
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock_err = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50": lat("50"), "p99": lat("99"), "non2xx": int(errors.group(1)) if errors else 0,
+            "sockerr": sock_err.group(1) if sock_err else ""}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=int, default=10)
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is missing: `make bench` installs it (apt-get install wrk)")
+    tmp = tempfile.mkdtemp(prefix="pyshm-bench-http-")
+    with open(os.path.join(tmp, "bench_apps.py"), "w") as f:
+        f.write(APPS)
+    env = {**os.environ, "PYTHONPATH": tmp}
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    print(f"# HTTP benchmark: wrk -t2 -c64 -d{args.duration}s on {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    try:
+        for name, (cmd, port) in servers(tmp).items():
+            proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_port(port, proc)
+                time.sleep(1.0)
+                wrk(f"http://127.0.0.1:{port}/", 2)           # warm-up
+                results[name] = {path: wrk(f"http://127.0.0.1:{port}{path}", args.duration) for path in ("/", "/10k")}
+            finally:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    finally:
+        shutil.rmtree(tmp)
+    ours = results["pyshm (2 workers)"]
+    for path, label in (("/", "hello world"), ("/10k", "10 KB response")):
+        print(f"\n### {label}\n\n| server | requests/s | p50 | p99 | pyshm / this |\n|---|---|---|---|---|")
+        for name, r in results.items():
+            x = r[path]
+            note = f" ({x['non2xx']} non-2xx)" if x["non2xx"] else ""
+            note += f" (socket errors: {x['sockerr']})" if x["sockerr"] else ""
+            print(f"| {name} | {x['rps']:,.0f}{note} | {x['p50']:.2f} ms | {x['p99']:.2f} ms | "
+                  f"{ours[path]['rps'] / x['rps']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
