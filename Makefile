@@ -27,6 +27,7 @@ bench: install redis-server wrk
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) benchmarks/heap.py
 	$(PY) benchmarks/http.py
+	$(PY) benchmarks/rpc.py
 
 redis-server:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
