@@ -13,13 +13,12 @@ import argparse
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from servers import free_port, stop, wait_port
 
 APPS = '''
 BODY_10K = b"x" * 10240
@@ -35,25 +34,6 @@ async def asgi(scope, receive, send):
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def servers(tmp: str) -> dict[str, tuple[list[str], int]]:
@@ -113,14 +93,7 @@ def main() -> None:
                     runs.setdefault(name, {}).setdefault(path, []).append(
                         wrk(f"http://127.0.0.1:{port}{path}", args.duration))
     finally:
-        for proc in procs.values():
-            os.kill(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(list(procs.values()))
         shutil.rmtree(tmp)
     results = {name: {path: {k: (statistics.median(r[k] for r in rs) if k != "sockerr" else rs[-1][k])
                              for k in rs[0]} for path, rs in paths.items()} for name, paths in runs.items()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -18,6 +17,7 @@ import tempfile
 import time
 
 import msgpack
+from servers import free_port, stop, wait_port
 
 APP = '''
 import pyshm
@@ -61,25 +61,6 @@ except ImportError:
     uvloop = None
 (uvloop.run if uvloop else asyncio.run)(main(int(sys.argv[1])))
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(port)
 
 
 def calls_per_second(port: int, in_flight: int, seconds: float) -> float:
@@ -142,10 +123,7 @@ def main() -> None:
                 for name, (proc, port) in procs.items():
                     runs.setdefault((name, in_flight), []).append(calls_per_second(port, in_flight, args.seconds))
     finally:
-        for proc, _ in procs.values():
-            os.kill(proc.pid, signal.SIGTERM)
-        for proc, _ in procs.values():
-            proc.wait(timeout=30)
+        stop([proc for proc, _ in procs.values()])
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"# msgpack-RPC benchmark: one connection, {args.rounds} rounds of {args.seconds:g} s, medians "
           f"({os.cpu_count()} CPUs, Python {sys.version.split()[0]})\n")

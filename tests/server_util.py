@@ -13,6 +13,23 @@ from pathlib import Path
 ERROR_FLAG = 0x8000_0000
 
 
+def one_suite(frontend: str, port: int, app: str, *, workers: int = 2, instance: str = "",
+              listen: str = "") -> str:
+    """The body of a pyshm.toml with one suite ("main") behind one listener;
+    `instance` lines go into [instance], `listen` lines into the listener."""
+    return f"""{instance}
+[suites.main]
+app = "{app}"
+workers = {workers}
+
+[[listen]]
+frontend = "{frontend}"
+address = "127.0.0.1:{port}"
+suite = "main"
+{listen}
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,22 +9,11 @@ import time
 import httpx
 import pytest
 
-from server_util import free_port
+from server_util import free_port, one_suite
 
 
-def http_config(port: int, app: str = "wsgi_apps:hello", *, workers: int = 2, instance: str = "",
-                listen: str = "") -> str:
-    return f"""{instance}
-[suites.web]
-app = "{app}"
-workers = {workers}
-
-[[listen]]
-frontend = "http"
-address = "127.0.0.1:{port}"
-suite = "web"
-{listen}
-"""
+def http_config(port: int, app: str = "wsgi_apps:hello", **kw: object) -> str:
+    return one_suite("http", port, app, **kw)
 
 
 def raw(port: int, data: bytes, *, timeout: float = 10.0) -> bytes:

@@ -12,21 +12,11 @@ from pynvim.msgpack_rpc import tcp_session
 
 from pyshm.frontend import ProtocolError, Request
 from pyshm.frontends.msgpack_rpc import MsgpackRpcFrontEnd
-from server_util import free_port
+from server_util import free_port, one_suite
 
 
 def rpc_config(port: int, workers: int = 2) -> str:
-    return f"""
-[suites.rpc]
-app = "rpc_apps"
-workers = {workers}
-
-[[listen]]
-frontend = "msgpack-rpc"
-address = "127.0.0.1:{port}"
-suite = "rpc"
-max_message = "64KiB"
-"""
+    return one_suite("msgpack-rpc", port, "rpc_apps", workers=workers, listen='max_message = "64KiB"')
 
 
 @pytest.fixture

@@ -12,21 +12,11 @@ import pytest
 
 from pyshm.heap import SharedHeap
 from pyshm.reqmem import RequestMemory, segment_name
-from server_util import FrameClient, free_port
+from server_util import FrameClient, free_port, one_suite
 
 
 def config(port: int, *, workers: int = 2, app: str = "apps:echo", extra: str = "", listen_extra: str = "") -> str:
-    return f"""{extra}
-[suites.main]
-app = "{app}"
-workers = {workers}
-
-[[listen]]
-frontend = "tcp"
-address = "127.0.0.1:{port}"
-suite = "main"
-{listen_extra}
-"""
+    return one_suite("tcp", port, app, workers=workers, instance=extra, listen=listen_extra)
 
 
 def slot_states(name: str) -> dict[str, int]:
