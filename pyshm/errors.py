@@ -59,3 +59,7 @@ class ReaderTableFull(PyshmError):
 
 class DirectoryFull(PyshmError):
     """The heap's directory has no room for another name."""
+
+
+class WorkerStartError(PyshmError):
+    """Workers did not start: the instance cannot serve."""

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pyshm.config import Config
+from pyshm.config import Config, ConfigError
 from pyshm.dispatch import Dispatcher, WorkerRef
 from pyshm import segments
 from pyshm.errors import HeapFull, PyshmError, SegmentExists
@@ -59,8 +59,12 @@ class ConnectionManager:
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
         self.registry = registry or Registry.load()
-        for ls in config.listen:
-            self.registry.get(ls.frontend)  # fails now, naming the front-end, not at the first client
+        for i, ls in enumerate(config.listen):
+            # Fails now, naming the listener, not at the first client.
+            try:
+                self.registry.get(ls.frontend)(**ls.options)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"listen[{i}]: {e}") from None
         self.dispatchers = {name: Dispatcher(s) for name, s in config.suites.items()}
         self.pending: dict[int, Pending] = {}          # by slot
         self.backlog: collections.deque[Pending] = collections.deque()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from pyshm import control
 from pyshm.dispatch import WorkerRef
+from pyshm.errors import SegmentExists, WorkerStartError
 
 if TYPE_CHECKING:
     from pyshm.manager import ConnectionManager
@@ -70,8 +71,8 @@ class Supervisor:
         try:
             self.listener.bind(control.address(cfg.name))
         except OSError as e:
-            raise RuntimeError(f"instance {cfg.name!r} already runs here (control socket: {e.strerror}); "
-                               f"choose another instance.name") from None
+            raise SegmentExists(f"instance {cfg.name!r} already runs here (control socket: {e.strerror}); "
+                                f"choose another instance.name") from None
         self.listener.listen(128)
         loop.add_reader(self.listener, self._accept)
         for suite in cfg.suites.values():
@@ -85,11 +86,11 @@ class Supervisor:
         while len(self.manager.workers) < n:
             for c in self.children.values():
                 if c.worker is None and c.proc.poll() is not None:
-                    raise RuntimeError(f"a worker of suite {c.suite!r} exited with status {c.proc.returncode} "
-                                       f"before joining; its error is above")
+                    raise WorkerStartError(f"a worker of suite {c.suite!r} exited with status "
+                                           f"{c.proc.returncode} before joining; its error is above")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(self.manager.workers)} of {n} workers joined within "
-                                   f"{START_TIMEOUT:g} s")
+                raise WorkerStartError(f"only {len(self.manager.workers)} of {n} workers joined within "
+                                       f"{START_TIMEOUT:g} s")
             self._joined.clear()
             try:
                 await asyncio.wait_for(self._joined.wait(), 0.1)

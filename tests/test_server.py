@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 import socket
 import struct
 import threading
@@ -333,3 +334,20 @@ def test_a_started_by_hand_worker_joins_and_a_killed_manager_takes_its_workers_a
     again = serve(config(port2, workers=1), port2, name=srv.name)   # its segments were orphans
     assert FrameClient(port2).call(b"x") == (False, b"x")
     again.stop()
+
+
+def test_bad_listener_option_and_broken_app_fail_at_start(tmp_path):
+    import subprocess
+    import sys
+
+    def run(body: str) -> subprocess.CompletedProcess:
+        (tmp_path / "c.toml").write_text(body)
+        return subprocess.run([sys.executable, "-m", "pyshm.cli", "serve", "-c", "c.toml"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60,
+                              env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)})
+
+    r = run(config(free_port(), listen_extra="max_frames = 5"))
+    assert r.returncode == 1 and "listen[0]: front-end 'tcp' has no option 'max_frames'" in r.stderr
+    r = run(config(free_port(), app="apps:no_such_function"))
+    assert r.returncode == 1 and "exited with status 1 before joining" in r.stderr
+    assert "AttributeError" in r.stderr      # the worker's own error is shown above it
