@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import importlib
 import logging
 import os
 import signal
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from pyshm.config import Config, ConfigError
@@ -32,6 +30,7 @@ from pyshm.heap import unlink as unlink_segment
 from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RUNNING, RequestMemory, segment_name
 from pyshm.supervisor import Supervisor
 from pyshm.transport import Connection
+from pyshm.worker import import_app
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class Pending:
     data: int = 0
     worker: WorkerRef | None = None
     started: bool = False        # known to have left the QUEUED state
-    answered: bool = field(default=False)
+    answered: bool = False
 
 
 class ConnectionManager:
@@ -145,11 +144,7 @@ class ConnectionManager:
             self.close_segments()
 
     def _preload(self, spec: str) -> None:
-        mod, _, attr = spec.partition(":")
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        fn = getattr(importlib.import_module(mod), attr)
-        fn(self.heap)
+        import_app(spec)(self.heap)
 
     async def shutdown(self) -> None:
         """Stops accepting, answers what is in flight (bounded by
@@ -220,8 +215,7 @@ class ConnectionManager:
         p.slot = self.free_slots.pop()
         self.pending[p.slot] = p
         if not p.blob:
-            off = self.rm.request_area(p.slot)
-            off[:n] = payload
+            self.rm.request_area(p.slot)[:n] = payload
 
     def pump(self) -> None:
         """Places waiting requests, oldest first, while slots and workers allow."""

@@ -54,6 +54,10 @@ class _Quiet(Exception):
 
 
 def import_app(spec: str, interface: str = "handler") -> Any:
+    """The object `module:attribute` names, imported as a server would: the
+    current directory first on the path."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     mod, _, attr = spec.partition(":")
     obj: Any = importlib.import_module(mod)
     if interface == "rpc":
@@ -186,8 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"%(levelname)s worker[{os.getpid()}] %(name)s: %(message)s")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     app = import_app(args.app, args.interface)
     worker = Worker(args.instance, args.suite, app, args.interface)
 
