@@ -55,10 +55,11 @@ def decode_request(payload: memoryview) -> tuple[RequestHead, memoryview]:
 
 
 def render_response(head: RequestHead, status: str, headers: list[tuple[str, str]], chunks: list[bytes],
-                    streamed: bool) -> bytes:
-    """The whole HTTP answer, built in the worker (the manager only sends
-    it).  streamed: the application gave no Content-Length and yielded its
-    body piece by piece: chunked on HTTP/1.1."""
+                    streamed: bool) -> list[bytes]:
+    """The whole HTTP answer as parts to write one after another, built in
+    the worker (the manager only sends it).  streamed: the application gave
+    no Content-Length and yielded its body piece by piece: chunked on
+    HTTP/1.1."""
     lines = [f"HTTP/{head.version} {status}"]
     has_length = False
     for name, value in headers:
@@ -84,7 +85,7 @@ def render_response(head: RequestHead, status: str, headers: list[tuple[str, str
         lines.append("connection: keep-alive")
     out = [("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")]
     if head.method == "HEAD" or bodiless:
-        return out[0]
+        return out
     if chunked:
         for c in chunks:
             if c:
@@ -92,7 +93,7 @@ def render_response(head: RequestHead, status: str, headers: list[tuple[str, str
         out.append(b"0\r\n\r\n")
     else:
         out += chunks
-    return b"".join(out)
+    return out
 
 
 # -- the front-end ---------------------------------------------------------------------------

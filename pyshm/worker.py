@@ -142,7 +142,7 @@ class Worker:
             raise TypeError(f"the application returned {type(body).__name__}, not bytes")
         return body
 
-    def _call_wsgi(self, payload: memoryview, info: SlotInfo) -> bytes:
+    def _call_wsgi(self, payload: memoryview, info: SlotInfo) -> list[bytes]:
         return wsgi.call(self.app, payload, info.peer)
 
     def _call_rpc(self, payload: memoryview, info: SlotInfo) -> bytes:
@@ -151,24 +151,29 @@ class Worker:
         except rpc.UnknownMethod as e:
             raise _Quiet(str(e)) from None
 
-    def respond(self, slot: int, body: bytes | bytearray | memoryview, error: bool) -> None:
-        if isinstance(body, memoryview) and (body.format != "B" or body.ndim != 1):
-            body = body.cast("B")
-        n = len(body)
-        if n > self.rm.inline_size:
+    def respond(self, slot: int, body: bytes | bytearray | memoryview | list[bytes], error: bool) -> None:
+        """Writes the answer into the slot (or a heap buffer when larger);
+        a list of parts is written part by part, never joined first."""
+        parts = body if isinstance(body, list) else [body]
+        parts = [p.cast("B") if isinstance(p, memoryview) and (p.format != "B" or p.ndim != 1) else p
+                 for p in parts]
+        n = sum(len(p) for p in parts)
+        blob = data = 0
+        if n <= self.rm.inline_size:
+            area = self.rm.response_area(slot)
+        else:
             try:
-                blob, data, buf = self.heap.alloc_buffer(n)
+                blob, data, area = self.heap.alloc_buffer(n)
             except PyshmError as exc:
                 msg = f"response of {n} bytes does not fit in shared memory: {exc}"
-                body, error = msg.encode()[:self.rm.inline_size], True
-                n = len(body)
-            else:
-                buf[:n] = body
-                self.rm.complete(self.index, self.gen, slot, n, blob=blob, data=data, error=error,
-                                 wake_fd=self.wake_fd)
-                return
-        self.rm.response_area(slot)[:n] = body
-        self.rm.complete(self.index, self.gen, slot, n, error=error, wake_fd=self.wake_fd)
+                parts, error = [msg.encode()[:self.rm.inline_size]], True
+                n = len(parts[0])
+                area = self.rm.response_area(slot)
+        pos = 0
+        for p in parts:
+            area[pos:pos + len(p)] = p
+            pos += len(p)
+        self.rm.complete(self.index, self.gen, slot, n, blob=blob, data=data, error=error, wake_fd=self.wake_fd)
 
 
 def _start_time(pid: int) -> int:

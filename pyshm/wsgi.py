@@ -86,8 +86,8 @@ def environ_for(head: RequestHead, body: memoryview, peer: str) -> dict[str, Any
     return env
 
 
-def call(app: Callable[..., Any], payload: memoryview, peer: str) -> bytes:
-    """Runs one request through `app`; returns the encoded answer."""
+def call(app: Callable[..., Any], payload: memoryview, peer: str) -> list[bytes]:
+    """Runs one request through `app`; returns the HTTP answer in parts."""
     head, body = decode_request(payload)
     env = environ_for(head, body, peer)
     state: dict[str, Any] = {}

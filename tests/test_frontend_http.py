@@ -56,7 +56,7 @@ def test_garbage_and_mutations_give_only_protocol_events(data, cuts):
 def test_head_and_http10_answers():
     fe = HttpFrontEnd()
     (req,) = [e for e in fe.receive(VALID[4]) if isinstance(e, Request)]
-    out = render_response(req.meta, "200 OK", [("Content-Type", "text/plain")], [b"body!"], False)
+    out = b"".join(render_response(req.meta, "200 OK", [("Content-Type", "text/plain")], [b"body!"], False))
     head, body = out.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.0 200 OK") and b"content-length: 5" in head and body == b""
     assert b"connection: close" in head and not fe.keep_alive(req)
@@ -65,7 +65,7 @@ def test_head_and_http10_answers():
 def test_streamed_answers_are_chunked_on_1_1_and_errors_map_to_statuses():
     fe = HttpFrontEnd()
     (req,) = fe.receive(VALID[0])
-    out = render_response(req.meta, "200 OK", [], [b"ab", b"cde"], True)
+    out = b"".join(render_response(req.meta, "200 OK", [], [b"ab", b"cde"], True))
     assert b"transfer-encoding: chunked" in out and out.endswith(b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n")
     assert fe.response(req, b"x", error="unavailable").startswith(b"HTTP/1.1 503 ")
     assert fe.response(req, b"secret traceback", error="application").startswith(b"HTTP/1.1 500 ")
