@@ -129,7 +129,10 @@ _ERROR_STATUS = {UNAVAILABLE: 503, SHUTTING_DOWN: 503, TOO_LARGE: 413}
 
 class HttpFrontEnd(FrontEnd):
     name = "http"
-    defaults = {"max_header": 65536, "max_body": 16 << 20, "access_log": False}
+    # Keep-alive connections idle 75 s at most (nginx's default); a request
+    # has 30 s to arrive whole.
+    defaults = {"max_header": 65536, "max_body": 16 << 20, "access_log": False, "idle_timeout": 75.0,
+                "request_timeout": 30.0}
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
