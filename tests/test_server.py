@@ -190,7 +190,10 @@ def test_sigterm_answers_requests_in_flight(serve):
     for i, cl in enumerate(clients):
         cl.send(b"sleep:0.5:%d" % i)
         cl.send(b"sleep:0.2:%d-b" % i)
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while slot_states(srv.name)["free"] > 1024 - 12:     # all 12 requests reached the manager
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     srv.signal(signal.SIGTERM)
     for i, cl in enumerate(clients):
         first, second = cl.recv(), cl.recv()
