@@ -32,13 +32,13 @@ int pyshm_proc_start_time(int64_t pid, uint64_t *out);
 int pyshm_proc_alive(int64_t pid, uint64_t start);
 """
 
-CDEF = header_cdef("heap.h") + header_cdef("reqmem.h") + EXTRA
+CDEF = header_cdef("heap.h") + header_cdef("reqmem.h") + header_cdef("sessions.h") + EXTRA
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "pyshm._native",
-    '#include "heap.h"\n#include "reqmem.h"\n#include "segment.h"\n#include "proc.h"\n',
+    '#include "heap.h"\n#include "reqmem.h"\n#include "sessions.h"\n#include "segment.h"\n#include "proc.h"\n',
     sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.c"))],
     include_dirs=[str(CSRC.relative_to(ROOT))],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],

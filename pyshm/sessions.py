@@ -1,0 +1,234 @@
+"""The session table: one entry per live session, in shared memory
+(csrc/sessions.c), read without locks by any process of the instance.
+
+    table = SessionTable.create("shop")             # the manager, once
+    table = SessionTable.attach("shop")             # workers
+    s = table.open(SessionKind.REQUEST, suite=0, ttl=1800)
+    table.get(s.id)                                 # a copy, or None
+    table.bind(s.id, worker=3, gen=7); table.touch(s.id, ttl=1800)
+    table.end(s.id)
+
+Entries hold flow state only (who is bound, when it expires, which closure
+holds the state); the state itself lives in the closure heap.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pyshm._native import ffi, lib
+from pyshm.errors import HeapCorrupt, PyshmError, SegmentExists, SegmentNotFound
+from pyshm.heap import _raise
+
+FAULTS = {"create": lib.PYSHM_SFAULT_CREATE, "update": lib.PYSHM_SFAULT_UPDATE, "end": lib.PYSHM_SFAULT_END}
+
+
+class SessionTableFull(PyshmError):
+    """Every entry of the session table is taken."""
+
+
+class SessionKind(enum.IntEnum):
+    DISTRIBUTED = lib.PYSHM_SESS_DISTRIBUTED   # a connection bound to one worker
+    REQUEST = lib.PYSHM_SESS_REQUEST           # non-distributed: one command per request
+
+
+@dataclass
+class Session:
+    id: bytes
+    kind: SessionKind
+    suite: int
+    worker: int                 # bound worker index, -1 when none
+    worker_gen: int
+    created: float
+    last_access: float
+    expires: float              # 0: never
+    closure: str                # the state closure's name in the heap, "" when none
+    closure_version: int
+    repl_seq: int
+    owner_node: int = 0
+    secondary_node: int = 0
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    capacity: int
+    active: int
+    tombstones: int
+    repairs: int
+
+
+def segment_name(instance: str) -> str:
+    return f"{instance}.sessions"
+
+
+def new_id() -> bytes:
+    """128 bits from the OS CSPRNG."""
+    return os.urandom(16)
+
+
+class SessionTable:
+    """One process's handle; a Session returned is a copy (re-read it)."""
+
+    def __init__(self, name: str, ptr: Any) -> None:
+        self.name = name
+        self._ptr = ptr
+        self._c = ffi.new("pyshm_session_t *")
+
+    @classmethod
+    def create(cls, instance: str, capacity: int = 65536) -> SessionTable:
+        name = segment_name(instance)
+        out = ffi.new("pyshm_sessions_t **")
+        rc = lib.pyshm_sessions_create(name.encode(), capacity, out)
+        if rc == -12:
+            raise SegmentExists(f"session table {name!r} exists")
+        if rc == -13:
+            raise ValueError(f"session table capacity must be 1 to 67,108,864, not {capacity}")
+        if rc:
+            _raise(rc, f"create session table {name!r}")
+        return cls(name, out[0])
+
+    @classmethod
+    def attach(cls, instance: str) -> SessionTable:
+        name = segment_name(instance)
+        out = ffi.new("pyshm_sessions_t **")
+        rc = lib.pyshm_sessions_attach(name.encode(), out)
+        if rc == -6:
+            raise SegmentNotFound(f"no session table {name!r}: is the instance running?")
+        if rc == -7:
+            raise HeapCorrupt(f"session table {name!r}: header fails its layout checks")
+        if rc:
+            _raise(rc, f"attach session table {name!r}")
+        return cls(name, out[0])
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lib.pyshm_sessions_detach(self._ptr)
+            self._ptr = None
+
+    def unlink(self) -> None:
+        lib.pyshm_segment_unlink(self.name.encode())
+
+    # -- entries ------------------------------------------------------------------
+
+    def open(self, kind: SessionKind, *, suite: int = 0, worker: int = -1, worker_gen: int = 0,
+             ttl: float = 0.0, closure: str = "", now: float | None = None) -> Session:
+        """A new session with a fresh id.  Raises SessionTableFull."""
+        now = time.time() if now is None else now
+        s = Session(new_id(), SessionKind(kind), suite, worker, worker_gen, now, now, now + ttl if ttl else 0.0,
+                    closure, 0, 0)
+        self._fill(s)
+        rc = lib.pyshm_sessions_insert(self._ptr, self._c)
+        if rc == -5:
+            raise SessionTableFull(f"session table {self.name!r} is full "
+                                   f"({self.stats().capacity} sessions); raise sessions= or shorten their ttl")
+        self._check(rc, "open")
+        return s
+
+    def get(self, sid: bytes) -> Session | None:
+        """The session's entry (a consistent copy, read without a lock)."""
+        rc = lib.pyshm_sessions_get(self._ptr, self._id(sid), self._c)
+        if rc == -6:
+            return None
+        self._check(rc, "get")
+        return self._session(self._c)
+
+    def put(self, s: Session) -> None:
+        """Writes every field of s back to its entry."""
+        self._fill(s)
+        self._check(lib.pyshm_sessions_put(self._ptr, self._c), "update")
+
+    def bind(self, sid: bytes, worker: int, gen: int) -> Session:
+        s = self._need(sid)
+        s.worker, s.worker_gen = worker, gen
+        self.put(s)
+        return s
+
+    def touch(self, sid: bytes, ttl: float = 0.0, now: float | None = None) -> bool:
+        """Marks an access (and pushes expiry ttl on); False if it is gone."""
+        now = time.time() if now is None else now
+        rc = lib.pyshm_sessions_touch(self._ptr, self._id(sid), now, now + ttl if ttl else 0.0)
+        if rc == -6:
+            return False
+        self._check(rc, "touch")
+        return True
+
+    def end(self, sid: bytes) -> bool:
+        """Frees the entry; False if it was already gone."""
+        rc = lib.pyshm_sessions_remove(self._ptr, self._id(sid))
+        if rc == -6:
+            return False
+        self._check(rc, "end")
+        return True
+
+    def expired(self, now: float | None = None, limit: int = 4096) -> list[bytes]:
+        return self._scan(time.time() if now is None else now, lib.PYSHM_SCAN_EXPIRED, limit)
+
+    def ids(self, limit: int = 65536) -> list[bytes]:
+        """The ids of live sessions (up to limit)."""
+        return self._scan(0.0, lib.PYSHM_SCAN_ALL, limit)
+
+    def bound_to(self, worker: int, limit: int = 65536) -> list[bytes]:
+        return self._scan(0.0, worker, limit)
+
+    def stats(self) -> SessionStats:
+        st = ffi.new("pyshm_sessions_stats_t *")
+        self._check(lib.pyshm_sessions_stats(self._ptr, st), "stats")
+        return SessionStats(st.capacity, st.active, st.tombstones, st.repairs)
+
+    def check(self) -> None:
+        """Verifies every invariant of the table; raises HeapCorrupt."""
+        rc = lib.pyshm_sessions_check(self._ptr)
+        if rc == -7:
+            raise HeapCorrupt(f"session table {self.name!r} failed its consistency check")
+        self._check(rc, "check")
+
+    def _set_fault(self, point: str | None) -> None:
+        """Tests only: SIGKILL this process at a named point of the next write."""
+        lib.pyshm_sessions_set_fault(self._ptr, FAULTS[point] if point else 0)
+
+    # -- conversions -------------------------------------------------------------------
+
+    def _scan(self, now: float, worker: int, limit: int) -> list[bytes]:
+        buf = ffi.new("uint8_t[]", 16 * limit)
+        n = lib.pyshm_sessions_scan(self._ptr, now, worker, buf, limit)
+        self._check(min(n, 0), "scan")
+        raw = ffi.buffer(buf, 16 * n)[:]
+        return [raw[i:i + 16] for i in range(0, len(raw), 16)]
+
+    def _need(self, sid: bytes) -> Session:
+        s = self.get(sid)
+        if s is None:
+            raise KeyError(f"no session {sid.hex()}")
+        return s
+
+    @staticmethod
+    def _id(sid: bytes) -> bytes:
+        if len(sid) != 16:
+            raise ValueError("a session id is 16 bytes")
+        return sid
+
+    def _fill(self, s: Session) -> None:
+        c = self._c
+        name = s.closure.encode()
+        if len(name) >= 48:
+            raise ValueError(f"closure name {s.closure!r} is longer than 47 bytes")
+        c.id = self._id(s.id)
+        c.kind, c.suite, c.worker, c.worker_gen = int(s.kind), s.suite, s.worker, s.worker_gen
+        c.owner_node, c.secondary_node, c.flags = s.owner_node, s.secondary_node, s.flags
+        c.created, c.last_access, c.expires = s.created, s.last_access, s.expires
+        c.closure_version, c.repl_seq = s.closure_version, s.repl_seq
+        c.closure = name + b"\0"
+
+    @staticmethod
+    def _session(c: Any) -> Session:
+        return Session(bytes(c.id), SessionKind(c.kind), c.suite, c.worker, c.worker_gen, c.created,
+                       c.last_access, c.expires, ffi.string(c.closure).decode(), c.closure_version, c.repl_seq,
+                       c.owner_node, c.secondary_node, c.flags)
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc < 0:
+            _raise(rc, f"session table {self.name!r}: {what}")
