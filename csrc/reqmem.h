@@ -25,7 +25,8 @@
 
 enum { PYSHM_KIND_REQMEM = 2 };
 enum { PYSHM_SLOT_FREE = 0, PYSHM_SLOT_QUEUED = 1, PYSHM_SLOT_RUNNING = 2, PYSHM_SLOT_DONE = 3 };
-enum { PYSHM_RESP_ERROR = 1 };  /* response flag: the body is an error message */
+enum { PYSHM_RESP_ERROR = 1,        /* response flag: the body is an error message */
+       PYSHM_RESP_UNAVAILABLE = 2 }; /* with ERROR: the server cannot take it now (503) */
 
 typedef struct pyshm_reqmem pyshm_reqmem_t;
 

@@ -84,6 +84,10 @@ class Config:
     queue_timeout: float = 10.0
     preload: str | None = None
     max_workers: int = 64
+    sessions: int = 65536          # session table capacity
+    session_ttl: float = 1800.0    # seconds an idle session lives
+    secure_cookies: bool = False   # session cookies marked Secure (behind TLS)
+    secret: str | None = None      # signs session cookies; random per start when unset
 
 
 def _need(table: dict, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
@@ -198,7 +202,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     listen = [_listen(i, t, suites) for i, t in enumerate(listen_t)]
     _infer_interfaces(suites, listen)
     known = {"name", "heap_size", "slots", "inline_size", "graceful_timeout", "queue_timeout", "preload",
-             "max_workers"}
+             "max_workers", "sessions", "session_ttl", "secure_cookies", "secret"}
     unknown = set(inst) - known
     if unknown:
         raise ConfigError(f"instance.{sorted(unknown)[0]} is not an instance setting ({', '.join(sorted(known))})")
@@ -210,12 +214,18 @@ def from_dict(data: dict[str, Any]) -> Config:
         cfg.heap_size = _size(inst["heap_size"], "instance.heap_size")
     if "inline_size" in inst:
         cfg.inline_size = _size(inst["inline_size"], "instance.inline_size")
-    for key in ("slots", "max_workers"):
+    if "secure_cookies" in inst:
+        cfg.secure_cookies = _typed(inst["secure_cookies"], "instance.secure_cookies", bool)
+    if "secret" in inst:
+        cfg.secret = _typed(inst["secret"], "instance.secret", str)
+        if len(cfg.secret) < 16:
+            raise ConfigError("instance.secret must be at least 16 characters")
+    for key in ("slots", "max_workers", "sessions"):
         if key in inst:
             setattr(cfg, key, _typed(inst[key], f"instance.{key}", int))
             if getattr(cfg, key) < 1:
                 raise ConfigError(f"instance.{key} must be at least 1")
-    for key in ("graceful_timeout", "queue_timeout"):
+    for key in ("graceful_timeout", "queue_timeout", "session_ttl"):
         if key in inst:
             setattr(cfg, key, float(_typed(inst[key], f"instance.{key}", (int, float))))
             if getattr(cfg, key) <= 0:

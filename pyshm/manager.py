@@ -27,7 +27,9 @@ from pyshm.frontend import (
 )
 from pyshm.heap import SharedHeap
 from pyshm.heap import unlink as unlink_segment
-from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RUNNING, RequestMemory, segment_name
+from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RESP_UNAVAILABLE, RUNNING, RequestMemory, segment_name
+from pyshm.sessions import SessionTable
+from pyshm.sessions import segment_name as session_segment
 from pyshm.supervisor import Supervisor
 from pyshm.transport import Connection
 from pyshm.worker import import_app
@@ -72,6 +74,8 @@ class ConnectionManager:
         self.servers: list[asyncio.base_events.Server] = []
         self.heap: SharedHeap | None = None
         self.rm: RequestMemory | None = None
+        self.sessions: SessionTable | None = None
+        self.secret = config.secret.encode() if config.secret else os.urandom(32)
         self.wake_fd = -1
         self.free_slots: list[int] = []
         self._to_wake: set[int] = set()
@@ -85,19 +89,24 @@ class ConnectionManager:
 
     def open_segments(self) -> None:
         cfg = self.config
-        for name in (cfg.name, segment_name(cfg.name)):
+        for name in (cfg.name, segment_name(cfg.name), session_segment(cfg.name)):
             _remove_if_orphaned(name)
         self.heap = SharedHeap.create(cfg.name, cfg.heap_size)
         try:
             self.rm = RequestMemory.create(segment_name(cfg.name), slots=cfg.slots, workers=cfg.max_workers,
                                            inline_size=cfg.inline_size)
+            self.sessions = SessionTable.create(cfg.name, cfg.sessions)
         except BaseException:
-            self.heap.unlink()
+            self.close_segments()
             raise
         self.free_slots = list(range(self.rm.n_slots - 1, -1, -1))
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def close_segments(self) -> None:
+        if self.sessions is not None:
+            self.sessions.unlink()
+            self.sessions.close()
+            self.sessions = None
         if self.rm is not None:
             self.rm.unlink()
             self.rm.close()
@@ -130,7 +139,8 @@ class ConnectionManager:
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.supervisor.reload)
-            timers = [loop.create_task(self._expire_queued()), loop.create_task(self._sweep_connections())]
+            timers = [loop.create_task(self._expire_queued()), loop.create_task(self._sweep_connections()),
+                      loop.create_task(self._expire_sessions())]
             self.ready.set()
             await stop.wait()
             for timer in timers:
@@ -226,6 +236,13 @@ class ConnectionManager:
                 kept.append(p)
         self.backlog = kept
 
+    async def _expire_sessions(self) -> None:
+        """Ends idle sessions: entry and state closure go."""
+        while True:
+            await asyncio.sleep(min(1.0, self.config.session_ttl / 4))
+            for sid in self.sessions.expired():
+                self.sessions.end(sid, self.heap)
+
     async def _sweep_connections(self) -> None:
         while True:
             await asyncio.sleep(0.25)
@@ -282,7 +299,7 @@ class ConnectionManager:
             log.error("slot %d completed in state %d; answering with an error", slot, state)
             self._answer(p, b"internal error: response lost", INTERNAL)
             return
-        error = APP_ERROR if flags & RESP_ERROR else None
+        error = (UNAVAILABLE if flags & RESP_UNAVAILABLE else APP_ERROR) if flags & RESP_ERROR else None
         if blob:
             w = p.worker
             if w is None or not self.heap.adopt_buffer(blob, w.pid, w.start):

@@ -27,6 +27,7 @@ FREE, QUEUED, RUNNING, DONE = (lib.PYSHM_SLOT_FREE, lib.PYSHM_SLOT_QUEUED, lib.P
                                lib.PYSHM_SLOT_DONE)
 STATE_NAMES = {FREE: "free", QUEUED: "queued", RUNNING: "running", DONE: "done"}
 RESP_ERROR = lib.PYSHM_RESP_ERROR
+RESP_UNAVAILABLE = lib.PYSHM_RESP_UNAVAILABLE
 
 
 class StaleWorker(PyshmError):
@@ -190,9 +191,9 @@ class RequestMemory:
         return None
 
     def complete(self, w: int, gen: int, slot: int, resp_len: int, *, blob: int = 0, data: int = 0,
-                 error: bool = False, wake_fd: int = -1) -> None:
-        rc = lib.pyshm_rm_complete(self._ptr, w, gen, slot, resp_len, blob, data,
-                                   RESP_ERROR if error else 0, wake_fd)
+                 flags: int = 0, wake_fd: int = -1) -> None:
+        """flags: 0, RESP_ERROR, or RESP_ERROR | RESP_UNAVAILABLE."""
+        rc = lib.pyshm_rm_complete(self._ptr, w, gen, slot, resp_len, blob, data, flags, wake_fd)
         if rc == -16:
             raise StaleWorker(f"worker index {w} generation {gen} was rebound")
         self._check(rc, "complete")

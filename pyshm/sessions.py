@@ -156,8 +156,16 @@ class SessionTable:
         self._check(rc, "touch")
         return True
 
-    def end(self, sid: bytes) -> bool:
-        """Frees the entry; False if it was already gone."""
+    def end(self, sid: bytes, heap: Any = None) -> bool:
+        """Frees the entry (and, given the heap, deletes its state closure);
+        False if it was already gone."""
+        if heap is not None:
+            entry = self.get(sid)
+            if entry is not None and entry.closure and entry.closure in heap:
+                try:
+                    heap.delete(entry.closure)
+                except KeyError:   # ClosureNotFound: deleted meanwhile
+                    pass
         rc = lib.pyshm_sessions_remove(self._ptr, self._id(sid))
         if rc == -6:
             return False

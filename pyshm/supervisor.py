@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -147,6 +148,14 @@ class Supervisor:
         m = self.manager
         suite = str(hello["suite"])
         pid, start = int(hello["pid"]), int(hello["start"])
+        # The socket is abstract (no file permissions): the kernel says who
+        # connected, and only this user's processes, as who they claim, join.
+        peer_pid, peer_uid, _ = struct.unpack("3i", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                          struct.calcsize("3i")))
+        if peer_uid != os.getuid() or peer_pid != pid:
+            log.warning("refused a worker: uid %d pid %d (claimed pid %d)", peer_uid, peer_pid, pid)
+            self._closed(conn)
+            return
         if suite not in m.dispatchers or not self.free_indices or self.stopping:
             why = (f"no suite {suite!r}" if suite not in m.dispatchers
                    else "shutting down" if self.stopping else "no free worker index (instance.max_workers)")
@@ -158,7 +167,10 @@ class Supervisor:
         w = WorkerRef(index, gen, pid, start, suite)
         conn.worker = w
         self.conns[index] = conn
-        socket.send_fds(conn.sock, [control.encode({"index": index, "gen": gen})], [m.wake_fd])
+        cfg = m.config
+        reply = {"index": index, "gen": gen, "secret": m.secret.hex(), "session_ttl": cfg.session_ttl,
+                 "secure_cookies": cfg.secure_cookies}
+        socket.send_fds(conn.sock, [control.encode(reply)], [m.wake_fd])
         child = self.children.get(pid)
         if child is not None:
             child.worker = w

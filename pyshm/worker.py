@@ -28,7 +28,9 @@ from pyshm import control, rpc, wsgi
 from pyshm._native import lib
 from pyshm.errors import PyshmError
 from pyshm.heap import SharedHeap
-from pyshm.reqmem import RequestMemory, SlotInfo, StaleWorker, segment_name
+from pyshm.http_sessions import SessionStore
+from pyshm.reqmem import RESP_ERROR, RESP_UNAVAILABLE, RequestMemory, SlotInfo, StaleWorker, segment_name
+from pyshm.sessions import SessionTable, SessionTableFull
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,10 @@ class Worker:
         self.ctl.setblocking(False)
         self.rm = RequestMemory.attach(segment_name(instance))
         self.heap = _heap = SharedHeap.attach(instance)
+        self.sessions = None
+        if interface == "wsgi":
+            self.sessions = SessionStore(SessionTable.attach(instance), self.heap, bytes.fromhex(reply["secret"]),
+                                         ttl=float(reply["session_ttl"]), secure=bool(reply["secure_cookies"]))
         self.stopping = False
         self._lines = control.LineReader()
 
@@ -123,18 +129,20 @@ class Worker:
             payload = self.heap.buffer_at(info.req_data, info.req_len)
         else:
             payload = self.rm.buf[info.req_data:info.req_data + info.req_len].toreadonly()
-        error = False
+        flags = 0
         try:
             body = self.call(payload, info)
         except _Quiet as exc:          # the client's mistake, not the application's
-            body, error = str(exc).encode(), True
+            body, flags = str(exc).encode(), RESP_ERROR
+        except SessionTableFull as exc:
+            body, flags = str(exc).encode(), RESP_ERROR | RESP_UNAVAILABLE
         except Exception as exc:
             log.error("worker %d: application error\n%s", self.index, traceback.format_exc())
             body = f"application error: {type(exc).__name__}: {exc}".encode()
-            error = True
+            flags = RESP_ERROR
         finally:
             payload.release()
-        self.respond(info.slot, body, error)
+        self.respond(info.slot, body, flags)
 
     def _call_handler(self, payload: memoryview, info: SlotInfo) -> bytes:
         body = self.app(Request(payload, info.session if any(info.session) else None, info.peer))
@@ -143,7 +151,7 @@ class Worker:
         return body
 
     def _call_wsgi(self, payload: memoryview, info: SlotInfo) -> list[bytes]:
-        return wsgi.call(self.app, payload, info.peer)
+        return wsgi.call(self.app, payload, info.peer, self.sessions)
 
     def _call_rpc(self, payload: memoryview, info: SlotInfo) -> bytes:
         try:
@@ -151,7 +159,7 @@ class Worker:
         except rpc.UnknownMethod as e:
             raise _Quiet(str(e)) from None
 
-    def respond(self, slot: int, body: bytes | bytearray | memoryview | list[bytes], error: bool) -> None:
+    def respond(self, slot: int, body: bytes | bytearray | memoryview | list[bytes], flags: int) -> None:
         """Writes the answer into the slot (or a heap buffer when larger);
         a list of parts is written part by part, never joined first."""
         parts = body if isinstance(body, list) else [body]
@@ -166,14 +174,14 @@ class Worker:
                 blob, data, area = self.heap.alloc_buffer(n)
             except PyshmError as exc:
                 msg = f"response of {n} bytes does not fit in shared memory: {exc}"
-                parts, error = [msg.encode()[:self.rm.inline_size]], True
+                parts, flags = [msg.encode()[:self.rm.inline_size]], RESP_ERROR
                 n = len(parts[0])
                 area = self.rm.response_area(slot)
         pos = 0
         for p in parts:
             area[pos:pos + len(p)] = p
             pos += len(p)
-        self.rm.complete(self.index, self.gen, slot, n, blob=blob, data=data, error=error, wake_fd=self.wake_fd)
+        self.rm.complete(self.index, self.gen, slot, n, blob=blob, data=data, flags=flags, wake_fd=self.wake_fd)
 
 
 def _start_time(pid: int) -> int:

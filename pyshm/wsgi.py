@@ -13,6 +13,7 @@ from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
 from pyshm.frontends.http import RequestHead, decode_request, render_response
+from pyshm.http_sessions import SessionStore
 
 
 class BodyInput(io.RawIOBase):
@@ -86,10 +87,14 @@ def environ_for(head: RequestHead, body: memoryview, peer: str) -> dict[str, Any
     return env
 
 
-def call(app: Callable[..., Any], payload: memoryview, peer: str) -> list[bytes]:
-    """Runs one request through `app`; returns the HTTP answer in parts."""
+def call(app: Callable[..., Any], payload: memoryview, peer: str, sessions: SessionStore | None = None) -> list[bytes]:
+    """Runs one request through `app`; returns the HTTP answer in parts.
+    With a session store, environ["pyshm.session"] is the client's session."""
     head, body = decode_request(payload)
     env = environ_for(head, body, peer)
+    session = sessions.session_for(env.get("HTTP_COOKIE")) if sessions is not None else None
+    if session is not None:
+        env["pyshm.session"] = session
     state: dict[str, Any] = {}
     chunks: list[bytes] = []
 
@@ -119,6 +124,8 @@ def call(app: Callable[..., Any], payload: memoryview, peer: str) -> list[bytes]
             close()
     if "status" not in state:
         raise RuntimeError("the WSGI application returned without calling start_response")
+    if session is not None:
+        state["headers"] += session.finish()
     has_length = any(k.lower() == "content-length" for k, _ in state["headers"])
     streamed = not has_length and not isinstance(result, (list, tuple)) and pieces_yielded > 1
     return render_response(head, state["status"], state["headers"], chunks, streamed)

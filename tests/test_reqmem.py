@@ -31,7 +31,7 @@ def test_a_request_goes_round_trip(rm):
     assert bytes(rm.buf[info.req_data:info.req_data + info.req_len]) == b"hello"
     assert rm.slot_info(3)[0] == RUNNING
     rm.response_area(3)[:3] = b"bye"
-    rm.complete(0, gen, 3, 3, error=True)
+    rm.complete(0, gen, 3, 3, flags=1)
     assert rm.drain(0) == [3] and rm.drain(0) == []
     state, worker, info = rm.slot_info(3)
     assert (state, worker, info.flags, bytes(rm.buf[info.resp_data:info.resp_data + 3])) == (DONE, 0, 1, b"bye")

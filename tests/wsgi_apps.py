@@ -55,3 +55,16 @@ def stream():
         for i in range(5):
             yield f"chunk {i}\n"
     return Response(stream_with_context(gen()), mimetype="text/plain")
+
+
+def counter(environ, start_response):
+    """Counts visits per session; /logout ends it."""
+    session = environ["pyshm.session"]
+    if environ["PATH_INFO"] == "/logout":
+        session.invalidate()
+        body = b"bye"
+    else:
+        session["visits"] = session.get("visits", 0) + 1
+        body = b"%d %d" % (session["visits"], os.getpid())
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]

@@ -1,0 +1,164 @@
+"""HTTP sessions: non-distributed, one request one command.
+
+A signed cookie names the session; its entry is in the session table and
+its state is a closure in the heap ("session/<hex id>"), so the next request
+can go to any worker.  The application sees ``environ["pyshm.session"]``, a
+MutableMapping that loads on first use and is saved only when the request
+changed it.  A forged or tampered cookie, or one whose session expired or
+ended, starts a fresh session.
+
+    cookie:  pyshm_session=<32 hex id>.<43 base64url HMAC-SHA256(secret, id)>
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import MutableMapping
+from http.cookies import SimpleCookie
+from typing import Any, Iterator
+
+from pyshm.errors import ClosureNotFound
+from pyshm.heap import SharedHeap
+from pyshm.sessions import SessionKind, SessionTable
+
+log = logging.getLogger(__name__)
+
+COOKIE = "pyshm_session"
+
+
+def closure_name(sid: bytes) -> str:
+    return f"session/{sid.hex()}"
+
+
+class SessionStore:
+    """What a worker needs to load and save HTTP sessions."""
+
+    def __init__(self, table: SessionTable, heap: SharedHeap, secret: bytes, *, ttl: float = 1800.0,
+                 secure: bool = False, suite: int = 0) -> None:
+        self.table, self.heap, self.secret = table, heap, secret
+        self.ttl, self.secure, self.suite = ttl, secure, suite
+
+    def sign(self, sid: bytes) -> str:
+        mac = hmac.new(self.secret, sid, hashlib.sha256).digest()
+        return f"{sid.hex()}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+    def verify(self, value: str) -> bytes | None:
+        """The session id a cookie value carries, or None if it is not ours."""
+        hexid, _, sig = value.partition(".")
+        try:
+            sid = bytes.fromhex(hexid)
+        except ValueError:
+            return None
+        if len(sid) != 16 or not hmac.compare_digest(self.sign(sid), value):
+            return None
+        return sid
+
+    def session_for(self, cookie_header: str | None) -> HttpSession:
+        sid = None
+        if cookie_header:
+            try:
+                morsel = SimpleCookie(cookie_header).get(COOKIE)
+            except Exception:   # a malformed Cookie header is a missing one
+                morsel = None
+            if morsel is not None:
+                sid = self.verify(morsel.value)
+        return HttpSession(self, sid)
+
+    def end(self, sid: bytes) -> None:
+        """Removes entry and closure (logout, invalidate)."""
+        self.table.end(sid, self.heap)
+
+    def cookie(self, value: str, *, clear: bool = False) -> tuple[str, str]:
+        parts = [f"{COOKIE}={value}", "Path=/", "HttpOnly", "SameSite=Lax"]
+        if self.secure:
+            parts.append("Secure")
+        if clear:
+            parts.append("Max-Age=0")
+        return ("Set-Cookie", "; ".join(parts))
+
+
+class HttpSession(MutableMapping):
+    """environ["pyshm.session"]: loads on first use, saved if changed."""
+
+    def __init__(self, store: SessionStore, sid: bytes | None) -> None:
+        self._store = store
+        self._claimed = sid          # from a valid cookie; may still be gone from the table
+        self.id: bytes | None = None
+        self._data: dict[str, Any] | None = None
+        self.modified = False
+        self.invalidated = False
+
+    def _load(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = {}
+            sid = self._claimed
+            entry = self._store.table.get(sid) if sid else None
+            if entry is not None and entry.expires and entry.expires <= time.time():
+                entry = None            # expired: the sweep frees it; this client starts afresh
+            if entry is not None:
+                self.id = sid
+                if entry.closure:
+                    try:
+                        self._data = self._store.heap.get(entry.closure)
+                    except ClosureNotFound:
+                        pass
+        return self._data
+
+    # -- MutableMapping ----------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        return self._load()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._load()[key] = value
+        self.modified = True
+
+    def __delitem__(self, key: str) -> None:
+        del self._load()[key]
+        self.modified = True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def invalidate(self) -> None:
+        """Ends the session now: entry and closure go, the cookie is cleared."""
+        self._load()
+        self.invalidated = True
+        self._data = {}
+
+    # -- after the request ------------------------------------------------------------------
+
+    def finish(self) -> list[tuple[str, str]]:
+        """Saves what changed; returns the headers to add to the answer."""
+        store = self._store
+        if self.invalidated:
+            if self.id is not None:
+                store.end(self.id)
+            return [store.cookie("", clear=True)] if self._claimed else []
+        if self._data is None:
+            return []                       # the application never looked
+        headers = []
+        if self.id is None and not self.modified:
+            return []
+        if self.id is None:                 # first write: a new session
+            entry = store.table.open(SessionKind.REQUEST, suite=store.suite, ttl=store.ttl)
+            self.id = entry.id
+            headers.append(store.cookie(store.sign(self.id)))
+        if self.modified:
+            name = closure_name(self.id)
+            version = store.heap.put(name, dict(self._data))
+            entry = store.table.get(self.id)
+            if entry is not None:
+                entry.closure, entry.closure_version = name, version
+                entry.last_access = time.time()
+                entry.expires = entry.last_access + store.ttl if store.ttl else 0.0
+                store.table.put(entry)
+        else:
+            store.table.touch(self.id, store.ttl)
+        return headers

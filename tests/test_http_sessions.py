@@ -1,0 +1,126 @@
+"""HTTP sessions: a signed cookie, state in a heap closure, any worker."""
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+
+from pyshm.heap import SharedHeap
+from pyshm.sessions import SessionTable
+from server_util import free_port, one_suite
+
+
+def start(serve, *, instance: str = "", workers: int = 2):
+    port = free_port()
+    srv = serve(one_suite("http", port, "wsgi_apps:counter", workers=workers, instance=instance), port)
+    return srv, port
+
+
+def usage(name: str) -> tuple[int, int, list[str]]:
+    table = SessionTable.attach(name)
+    heap = SharedHeap.attach(name, observe=True)
+    try:
+        return table.stats().active, heap.stats().used_bytes, [n for n in heap.names() if n.startswith("session/")]
+    finally:
+        table.close()
+        heap.close()
+
+
+def test_state_carries_across_workers_and_a_tampered_cookie_starts_afresh(serve):
+    srv, port = start(serve)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        pids = set()
+        for i in range(1, 21):
+            visits, pid = client.get("/").text.split()
+            assert int(visits) == i
+            pids.add(pid)
+        assert len(pids) == 2, "served by both workers"
+        cookie = client.cookies["pyshm_session"]
+        set_cookie = client.get("/").headers.get("set-cookie")
+        assert set_cookie is None            # no new cookie while the session lives
+    tampered = cookie[:-1] + ("A" if cookie[-1] != "A" else "B")
+    forged = ("0" * 32) + cookie[32:]
+    for bad in (tampered, forged, "garbage", cookie + "x"):
+        r = httpx.get(f"http://127.0.0.1:{port}/", cookies={"pyshm_session": bad})
+        assert r.text.split()[0] == "1" and "pyshm_session=" in r.headers["set-cookie"]
+    r = httpx.get(f"http://127.0.0.1:{port}/", cookies={"pyshm_session": cookie})
+    assert r.text.split()[0] == "22"      # the genuine one still works
+    fresh = httpx.get(f"http://127.0.0.1:{port}/").headers["set-cookie"]
+    assert "HttpOnly" in fresh and "SameSite=Lax" in fresh and "Path=/" in fresh and "Secure" not in fresh
+
+
+def test_invalidate_and_expiry_free_entry_and_closure(serve):
+    srv, port = start(serve, instance="session_ttl = 1.0")
+    active0, _, names0 = usage(srv.name)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        client.get("/")
+        active, _, names = usage(srv.name)
+        assert active == active0 + 1 and len(names) == len(names0) + 1
+        r = client.get("/logout")
+        assert r.text == "bye" and "Max-Age=0" in r.headers["set-cookie"]
+        assert usage(srv.name)[0] == active0 and usage(srv.name)[2] == names0
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        client.get("/")
+        assert usage(srv.name)[0] == active0 + 1
+        deadline = time.monotonic() + 10
+        while usage(srv.name)[0] != active0:        # the expiry sweep
+            assert time.monotonic() < deadline, "expired session not freed"
+            time.sleep(0.1)
+        assert usage(srv.name)[2] == names0
+        assert client.get("/").text.split()[0] == "1"    # the old cookie now starts afresh
+
+
+def test_10000_sessions_opened_and_closed_leave_nothing(serve):
+    srv, port = start(serve, workers=2)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")            # warm both sides up first
+        buf = s.recv(65536)
+        active0, used0, names0 = usage(srv.name)   # the warm-up's session stays
+        buf = b""
+
+        def answer() -> bytes:
+            nonlocal buf
+            while b"\r\n\r\n" not in buf:
+                buf += s.recv(65536)
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(rest) < n:
+                rest += s.recv(65536)
+            buf = rest[n:]
+            return head
+
+        for _ in range(10_000):
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = answer()
+            cookie = head.split(b"pyshm_session=")[1].split(b";")[0]
+            s.sendall(b"GET /logout HTTP/1.1\r\nHost: x\r\nCookie: pyshm_session=" + cookie + b"\r\n\r\n")
+            assert b"Max-Age=0" in answer()
+    active, used, names = usage(srv.name)
+    assert active == active0 and names == names0 and used == used0
+
+
+def test_a_full_session_table_is_503(serve):
+    srv, port = start(serve, instance="sessions = 3", workers=1)
+    clients = [httpx.Client(base_url=f"http://127.0.0.1:{port}") for _ in range(4)]
+    try:
+        assert [c.get("/").status_code for c in clients[:3]] == [200, 200, 200]
+        r = clients[3].get("/")
+        assert r.status_code == 503 and "session table" in r.text
+        assert clients[0].get("/").text.split()[0] == "2"       # existing sessions go on
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_cookie_signature_and_flags():
+    from pyshm.http_sessions import SessionStore
+
+    store = SessionStore(None, None, b"k" * 32, secure=True)
+    other = SessionStore(None, None, b"j" * 32)
+    sid = bytes(range(16))
+    value = store.sign(sid)
+    assert store.verify(value) == sid and other.verify(value) is None      # another secret: not ours
+    assert store.verify(value.replace(sid.hex(), bytes(16).hex())) is None
+    name, header = store.cookie(value)
+    assert name == "Set-Cookie" and "Secure" in header and "HttpOnly" in header
