@@ -47,7 +47,8 @@ class SuiteConfig:
     app: str
     workers: int = 2
     policy: str = "least-loaded"
-    interface: str = ""      # handler | wsgi; "" = what its listeners' front-end implies
+    interface: str = ""      # handler | wsgi | rpc; "" = what its listeners' front-end implies
+    distributed: bool | None = None   # a connection is a session bound to one worker (default: rpc suites)
 
 
 @dataclass
@@ -128,14 +129,20 @@ def _app(value: Any, where: str, *, module_alone: bool = False) -> str:
 def _suite(name: str, t: Any) -> SuiteConfig:
     where = f"suites.{name}"
     _typed(t, where, dict)
-    unknown = set(t) - {"app", "workers", "policy", "interface"}
+    unknown = set(t) - {"app", "workers", "policy", "interface", "distributed"}
     if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]} is not a suite setting (app, workers, policy, interface)")
+        raise ConfigError(f"{where}.{sorted(unknown)[0]} is not a suite setting "
+                          f"(app, workers, policy, interface, distributed)")
+    if "distributed" in t:
+        s_distributed = _typed(t["distributed"], f"{where}.distributed", bool)
+    else:
+        s_distributed = None
     s = SuiteConfig(name, _app(t.get("app"), f"{where}.app", module_alone=True))
     if "workers" in t:
         s.workers = _typed(t["workers"], f"{where}.workers", int)
         if not 1 <= s.workers <= 1024:
             raise ConfigError(f"{where}.workers must be 1 to 1024, not {s.workers}")
+    s.distributed = s_distributed
     if "interface" in t:
         s.interface = _typed(t["interface"], f"{where}.interface", str)
         if s.interface not in INTERFACES:
@@ -185,6 +192,11 @@ def _infer_interfaces(suites: dict[str, SuiteConfig], listen: list[ListenConfig]
     for name, s in suites.items():
         if s.interface != "rpc":
             _app(s.app, f"suites.{name}.app")   # only an RPC suite may name a module alone
+        if s.distributed is None:
+            s.distributed = s.interface == "rpc"
+        elif s.distributed and s.interface == "wsgi":
+            raise ConfigError(f"suites.{name}.distributed: HTTP sessions are non-distributed (one request, "
+                              f"one command); only msgpack-RPC and raw TCP suites can be distributed")
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -60,6 +60,7 @@ WORKER_DIED = "worker-died"      # its worker died while running it
 UNAVAILABLE = "unavailable"      # no worker free within queue_timeout
 TOO_LARGE = "too-large"          # no shared memory for the payload
 SHUTTING_DOWN = "shutting-down"  # the server stopped before it ran
+SESSION_ENDED = "session-ended"  # its distributed session is gone
 INTERNAL = "internal"
 
 

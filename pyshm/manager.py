@@ -23,12 +23,12 @@ from pyshm.dispatch import Dispatcher, WorkerRef
 from pyshm import segments
 from pyshm.errors import HeapFull, PyshmError, SegmentExists
 from pyshm.frontend import (
-    APP_ERROR, INTERNAL, SHUTTING_DOWN, TOO_LARGE, UNAVAILABLE, WORKER_DIED, Registry, Request,
+    APP_ERROR, INTERNAL, SESSION_ENDED, SHUTTING_DOWN, TOO_LARGE, UNAVAILABLE, WORKER_DIED, Registry, Request,
 )
 from pyshm.heap import SharedHeap
 from pyshm.heap import unlink as unlink_segment
 from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RESP_UNAVAILABLE, RUNNING, RequestMemory, segment_name
-from pyshm.sessions import SessionTable
+from pyshm.sessions import SessionKind, SessionTable
 from pyshm.sessions import segment_name as session_segment
 from pyshm.supervisor import Supervisor
 from pyshm.transport import Connection
@@ -67,6 +67,7 @@ class ConnectionManager:
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"listen[{i}]: {e}") from None
         self.dispatchers = {name: Dispatcher(s) for name, s in config.suites.items()}
+        self.suite_index = {name: i for i, name in enumerate(config.suites)}
         self.pending: dict[int, Pending] = {}          # by slot
         self.backlog: collections.deque[Pending] = collections.deque()
         self.workers: dict[int, WorkerRef] = {}        # by worker index
@@ -189,7 +190,12 @@ class ConnectionManager:
     def _place(self, p: Pending) -> bool:
         """Gives p a slot and a worker; False when it must wait for either."""
         rm = self.rm
-        worker = self.dispatchers[p.suite].pick()
+        if p.request.session is not None and self.config.suites[p.suite].distributed:
+            worker = self._session_worker(p)
+            if worker is False:
+                return True       # answered: the session is gone
+        else:
+            worker = self.dispatchers[p.suite].pick()
         if worker is None or (p.slot < 0 and not self.free_slots):
             return False
         if p.slot < 0:
@@ -204,6 +210,33 @@ class ConnectionManager:
         p.worker = worker
         worker.inflight += 1
         return True
+
+    # -- distributed sessions ------------------------------------------------------------
+
+    def open_session(self, suite: str) -> bytes:
+        """A connection to a distributed suite starts a session (bound to a
+        worker at its first request).  Raises SessionTableFull."""
+        return self.sessions.open(SessionKind.DISTRIBUTED, suite=self.suite_index[suite]).id
+
+    def end_session(self, sid: bytes) -> None:
+        """The connection closed: entry freed, state closure deleted."""
+        self.sessions.end(sid, self.heap)
+
+    def _session_worker(self, p: Pending) -> WorkerRef | None | bool:
+        """The session's bound worker; a new one when it died (the session
+        moves, its endpoints restore from the last checkpoint).  False when
+        the session ended (p is answered)."""
+        entry = self.sessions.get(p.request.session)
+        if entry is None:
+            self._answer(p, b"the session ended", SESSION_ENDED)
+            return False
+        w = self.workers.get(entry.worker)
+        if w is not None and w.gen == entry.worker_gen and not w.draining:
+            return w
+        w = self.dispatchers[p.suite].pick()
+        if w is not None:
+            self.sessions.bind(entry.id, w.index, w.gen)
+        return w
 
     def _wake_later(self, index: int) -> None:
         """Sleeping workers are woken once per loop iteration, not per request."""

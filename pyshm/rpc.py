@@ -16,15 +16,23 @@
 
 A suite serving them names the module: `app = "mymodule"` (the global
 registry, filled by the decorators) or `app = "mymodule:registry"` for an
-own `RpcRegistry`.  An endpoint's instance lives in the worker; until
-sessions bind one per connection, each worker holds one per class.
+own `RpcRegistry`.  Each connection is a distributed session bound to one
+worker, with its own endpoint instances there; their shareable attributes
+are checkpointed after each call, so if the worker dies another one
+restores them and the connection goes on.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import msgpack
+
+from pyshm import _codec
+from pyshm.errors import ClosureError, PyshmError
+from pyshm.heap import SharedHeap
+from pyshm.sessions import SessionTable
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +43,16 @@ class UnknownMethod(LookupError):
     pass
 
 
+class SessionLost(PyshmError):
+    """The session's endpoint cannot go on (not restorable after its worker
+    died, or the session ended)."""
+
+
 class RpcRegistry:
     def __init__(self) -> None:
         self.functions: dict[str, Callable[..., Any]] = {}
         self.endpoints: dict[str, type] = {}
-        self._instances: dict[str, Any] = {}
+        self.restorable: dict[str, bool] = {}
 
     def method(self, fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
         """Decorator: exposes fn under its name (or `name`)."""
@@ -48,27 +61,15 @@ class RpcRegistry:
             return f
         return register(fn) if fn is not None else register
 
-    def endpoint(self, cls: type | None = None, *, name: str | None = None) -> Any:
-        """Decorator: exposes the public methods of cls as "Name.method"."""
+    def endpoint(self, cls: type | None = None, *, name: str | None = None, restorable: bool = True) -> Any:
+        """Decorator: exposes the public methods of cls as "Name.method".
+        restorable=False: after its worker dies the session ends instead of
+        continuing from the last checkpoint."""
         def register(c: type) -> type:
             self.endpoints[name or c.__name__] = c
+            self.restorable[name or c.__name__] = restorable
             return c
         return register(cls) if cls is not None else register
-
-    def resolve(self, method: str) -> Callable[..., Any]:
-        fn = self.functions.get(method)
-        if fn is not None:
-            return fn
-        cls_name, dot, meth = method.partition(".")
-        cls = self.endpoints.get(cls_name)
-        if dot and cls is not None and not meth.startswith("_"):
-            inst = self._instances.get(cls_name)
-            if inst is None:
-                inst = self._instances[cls_name] = cls()
-            bound = getattr(inst, meth, None)
-            if callable(bound):
-                return bound
-        raise UnknownMethod(f"unknown method {method!r}")
 
 
 methods = RpcRegistry()          # the global registry of the decorators below
@@ -76,20 +77,135 @@ rpc_method = methods.method
 endpoint = methods.endpoint
 
 
-def call(registry: RpcRegistry, payload: memoryview) -> bytes | None:
-    """Runs one call; returns the packed result, or None for a notification.
-    Raises UnknownMethod or the method's exception for a request."""
-    kind, method, params = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    try:
-        fn = registry.resolve(method)
-    except UnknownMethod:
-        if kind == NOTIFY:
-            return None        # an unknown notification is ignored
-        raise
-    if kind == NOTIFY:
+@dataclass
+class _Endpoints:
+    """One session's endpoint instances in this worker."""
+    objects: dict[str, Any] = field(default_factory=dict)
+    restored_from: int = -1      # checkpoint version they came from; -1: fresh
+
+
+class Dispatcher:
+    """Runs calls for one worker: functions directly, endpoint methods on the
+    calling session's own instances.  After each call that reached an
+    endpoint, its shareable attributes are checkpointed to the session's
+    closure, so another worker can take the session over."""
+
+    def __init__(self, registry: RpcRegistry, table: SessionTable | None = None,
+                 heap: SharedHeap | None = None) -> None:
+        self.registry, self.table, self.heap = registry, table, heap
+        self.sessions: dict[bytes, _Endpoints] = {}
+        self._local: dict[str, Any] = {}     # endpoint instances of calls without a session
+        self._calls = 0
+
+    def call(self, payload: memoryview, sid: bytes | None) -> bytes | None:
+        """Runs one call; returns the packed result, or None for a
+        notification.  Raises UnknownMethod, SessionLost or the method's
+        exception for a request."""
+        kind, method, params = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        self._calls += 1
+        if self._calls % 1024 == 0:
+            self.forget_ended()      # a busy worker never idles: drop ended sessions here too
         try:
-            fn(*params)
+            fn, ep = self.resolve(method, sid)
+        except UnknownMethod:
+            if kind == NOTIFY:
+                return None        # an unknown notification is ignored
+            raise
+        try:
+            result = fn(*params)
         except Exception:
-            log.exception("notification %s failed", method)
-        return None
-    return msgpack.packb(fn(*params), use_bin_type=True)
+            if kind == NOTIFY:
+                log.exception("notification %s failed", method)
+                return None
+            raise
+        finally:
+            if ep is not None and sid is not None:
+                self.checkpoint(sid, ep)
+        return None if kind == NOTIFY else msgpack.packb(result, use_bin_type=True)
+
+    def resolve(self, method: str, sid: bytes | None) -> tuple[Callable[..., Any], _Endpoints | None]:
+        fn = self.registry.functions.get(method)
+        if fn is not None:
+            return fn, None
+        cls_name, dot, meth = method.partition(".")
+        cls = self.registry.endpoints.get(cls_name)
+        if not dot or cls is None or meth.startswith("_"):
+            raise UnknownMethod(f"unknown method {method!r}")
+        if sid is None or self.table is None:
+            eps, inst = None, self._local.get(cls_name)
+            if inst is None:
+                inst = self._local[cls_name] = cls()
+        else:
+            eps = self.endpoints(sid)
+            inst = eps.objects.get(cls_name)
+            if inst is None:
+                inst = eps.objects[cls_name] = self.restore(sid, eps, cls_name, cls)
+        bound = getattr(inst, meth, None)
+        if not callable(bound):
+            raise UnknownMethod(f"unknown method {method!r}")
+        return bound, eps
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def endpoints(self, sid: bytes) -> _Endpoints:
+        eps = self.sessions.get(sid)
+        if eps is None:
+            eps = self.sessions[sid] = _Endpoints()
+            entry = self.table.get(sid)
+            if entry is None:
+                raise SessionLost("the session ended")
+            if entry.closure:
+                eps.restored_from = entry.closure_version
+        return eps
+
+    def restore(self, sid: bytes, eps: _Endpoints, name: str, cls: type) -> Any:
+        """The session's instance of cls: from its checkpoint when the
+        session was moved here from a dead worker, else new."""
+        if eps.restored_from < 0:
+            return cls()
+        if not self.registry.restorable[name]:
+            self.table.end(sid, self.heap)
+            raise SessionLost(f"endpoint {name} is not restorable: its worker died, so the session ended")
+        state = self.heap.get(f"session/{sid.hex()}").get(name)
+        inst = cls.__new__(cls)
+        if state is None:
+            inst.__init__()
+        else:
+            inst.__dict__.update(state)
+        return inst
+
+    def checkpoint(self, sid: bytes, eps: _Endpoints) -> None:
+        state = {name: _shareable_attrs(obj) for name, obj in eps.objects.items()
+                 if self.registry.restorable.get(name, True)}
+        name = f"session/{sid.hex()}"
+        version = self.heap.put(name, state)
+        entry = self.table.get(sid)
+        if entry is None:                 # ended meanwhile (the connection closed)
+            self.heap.delete(name)
+            return
+        entry.closure, entry.closure_version = name, version
+        self.table.put(entry)
+
+    def forget_ended(self) -> None:
+        """Drops the instances of sessions that ended."""
+        if self.table is None:
+            return
+        for sid in [sid for sid in self.sessions if self.table.get(sid) is None]:
+            del self.sessions[sid]
+
+
+def _shareable_attrs(obj: Any) -> dict[str, Any]:
+    """The attributes of obj that can be put into the heap."""
+    attrs = dict(vars(obj))
+    try:
+        _codec.encode(attrs)
+        return attrs
+    except ClosureError:
+        keep = {}
+        for k, v in attrs.items():
+            try:
+                _codec.encode(v)
+                keep[k] = v
+            except ClosureError:
+                log.debug("attribute %s of %s is not shareable: not checkpointed", k, type(obj).__name__)
+        return keep

@@ -16,7 +16,8 @@ import time
 from typing import TYPE_CHECKING
 
 from pyshm.config import ListenConfig
-from pyshm.frontend import FrontEnd, ProtocolError, Request, Send
+from pyshm.frontend import UNAVAILABLE, FrontEnd, ProtocolError, Request, Send
+from pyshm.sessions import SessionTableFull
 
 if TYPE_CHECKING:
     from pyshm.manager import ConnectionManager
@@ -57,6 +58,13 @@ class Connection(asyncio.Protocol):
         self.peer = (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)).encode()
         self.fe.connection_made(self.peer.decode(), (sock[0], sock[1]) if isinstance(sock, tuple) else ("", 0))
         self.manager.connections.add(self)
+        self.session: bytes | None = None
+        self._session_error: str | None = None
+        if self.manager.config.suites[self.listen.suite].distributed:
+            try:
+                self.session = self.manager.open_session(self.listen.suite)
+            except SessionTableFull as e:
+                self._session_error = str(e)     # each request is answered with it
 
     def data_received(self, data: bytes) -> None:
         if self._error is not None or self._closing:
@@ -81,6 +89,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.manager.connections.discard(self)
+        if self.session is not None:
+            self.manager.end_session(self.session)
+            self.session = None
 
     # -- requests and responses --------------------------------------------------
 
@@ -92,6 +103,11 @@ class Connection(asyncio.Protocol):
                 seq = next(self._seq)
                 self._outstanding += 1
                 suite = self.listen.suite_for(ev.route)
+                if suite == self.listen.suite and self.manager.config.suites[suite].distributed:
+                    if self._session_error is not None:
+                        self._answered(seq, ev, self._session_error.encode(), UNAVAILABLE)
+                        continue
+                    ev.session = self.session
                 self.manager.submit(suite, ev, self.peer, lambda body, error, seq=seq, req=ev:
                                     self._answered(seq, req, body, error))
             elif isinstance(ev, Send):

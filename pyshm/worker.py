@@ -91,9 +91,12 @@ class Worker:
         self.rm = RequestMemory.attach(segment_name(instance))
         self.heap = _heap = SharedHeap.attach(instance)
         self.sessions = None
+        self.rpc: rpc.Dispatcher | None = None
         if interface == "wsgi":
             self.sessions = SessionStore(SessionTable.attach(instance), self.heap, bytes.fromhex(reply["secret"]),
                                          ttl=float(reply["session_ttl"]), secure=bool(reply["secure_cookies"]))
+        elif interface == "rpc":
+            self.rpc = rpc.Dispatcher(app, SessionTable.attach(instance), self.heap)
         self.stopping = False
         self._lines = control.LineReader()
 
@@ -107,6 +110,8 @@ class Worker:
                     continue
                 if self.stopping or not self.poll_control():
                     return
+                if self.rpc is not None:
+                    self.rpc.forget_ended()
         except StaleWorker:
             log.warning("worker %d: the manager gave this index to another process; exiting", self.index)
 
@@ -155,8 +160,8 @@ class Worker:
 
     def _call_rpc(self, payload: memoryview, info: SlotInfo) -> bytes:
         try:
-            return rpc.call(self.app, payload) or b""
-        except rpc.UnknownMethod as e:
+            return self.rpc.call(payload, info.session if any(info.session) else None) or b""
+        except (rpc.UnknownMethod, rpc.SessionLost) as e:
             raise _Quiet(str(e)) from None
 
     def respond(self, slot: int, body: bytes | bytearray | memoryview | list[bytes], flags: int) -> None:

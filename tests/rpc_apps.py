@@ -48,3 +48,26 @@ class Counter:
     def incr(self, by=1):
         self.n += by
         return self.n
+
+
+@pyshm.endpoint
+class Slow:
+    """A counter whose step can take a while (to be killed in the middle)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def incr(self, secs=0.0):
+        time.sleep(secs)
+        self.n += 1
+        return self.n
+
+
+@pyshm.endpoint(restorable=False)
+class Ephemeral:
+    def __init__(self):
+        self.n = 0
+
+    def incr(self):
+        self.n += 1
+        return self.n

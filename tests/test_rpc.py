@@ -15,8 +15,9 @@ from pyshm.frontends.msgpack_rpc import MsgpackRpcFrontEnd
 from server_util import free_port, one_suite
 
 
-def rpc_config(port: int, workers: int = 2) -> str:
-    return one_suite("msgpack-rpc", port, "rpc_apps", workers=workers, listen='max_message = "64KiB"')
+def rpc_config(port: int, workers: int = 2, *, distributed: bool = True) -> str:
+    body = one_suite("msgpack-rpc", port, "rpc_apps", workers=workers, listen='max_message = "64KiB"')
+    return body if distributed else body.replace("workers = ", "distributed = false\nworkers = ")
 
 
 @pytest.fixture
@@ -44,7 +45,11 @@ def test_pynvim_session(rpc_port):
         session.close()
 
 
-def test_pipelined_answers_come_out_of_order(rpc_port):
+def test_pipelined_answers_come_out_of_order(serve):
+    """Without sessions (distributed = false) calls of one connection spread
+    over the workers, and answers go out as they complete."""
+    rpc_port = free_port()
+    serve(rpc_config(rpc_port, distributed=False), rpc_port)
     with socket.create_connection(("127.0.0.1", rpc_port), timeout=10) as s:
         s.sendall(msgpack.packb([0, 1, "sleep", [0.5, "slow"]]) + msgpack.packb([0, 2, "sleep", [0.0, "fast"]]))
         unpacker = msgpack.Unpacker(raw=False)

@@ -1,0 +1,111 @@
+"""Distributed sessions: each msgpack-RPC connection has its own endpoint
+objects in one worker; they survive that worker's death."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import msgpack
+import pytest
+from pynvim.msgpack_rpc import tcp_session
+
+from pyshm.heap import SharedHeap
+from pyshm.sessions import SessionTable
+from server_util import free_port, one_suite
+
+
+def session(port: int):
+    s = tcp_session("127.0.0.1", port)
+    s.error_wrapper = lambda err: RuntimeError(err)
+    return s
+
+
+@pytest.fixture
+def rpc(serve):
+    port = free_port()
+    srv = serve(one_suite("msgpack-rpc", port, "rpc_apps", workers=2), port)
+    return srv, port
+
+
+def table_usage(name: str) -> tuple[int, int]:
+    t, h = SessionTable.attach(name), SharedHeap.attach(name, observe=True)
+    try:
+        return t.stats().active, h.stats().used_bytes
+    finally:
+        t.close()
+        h.close()
+
+
+def test_each_connection_has_its_own_endpoints(rpc):
+    srv, port = rpc
+    a, b = session(port), session(port)
+    try:
+        assert [a.request("Counter.incr") for _ in range(3)] == [1, 2, 3]
+        assert b.request("Counter.incr", 10) == 10
+        assert a.request("Counter.incr") == 4
+        assert len({a.request("pid") for _ in range(5)}) == 1       # bound to one worker
+    finally:
+        a.close()
+        b.close()
+
+
+def test_killed_worker_the_in_flight_call_errors_and_the_next_continues(rpc):
+    srv, port = rpc
+    a, b = session(port), session(port)
+    try:
+        for _ in range(5):
+            a.request("Slow.incr")
+        b.request("Slow.incr")
+        victim = a.request("pid")
+        errors = []
+
+        def in_flight():
+            try:
+                a.request("Slow.incr", 3.0)
+            except Exception as e:
+                errors.append(str(e))
+
+        t = threading.Thread(target=in_flight)
+        t.start()
+        time.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        t.join(10)
+        assert errors and "died while the request was running" in errors[0]
+        assert a.request("Slow.incr") == 6              # from the checkpoint (5), on another worker
+        assert a.request("pid") != victim
+        assert b.request("Slow.incr") == 2              # the other session is intact too
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_non_restorable_endpoint_ends_its_session(rpc):
+    srv, port = rpc
+    a = session(port)
+    try:
+        assert a.request("Ephemeral.incr") == 1
+        os.kill(a.request("pid"), signal.SIGKILL)
+        time.sleep(0.5)
+        with pytest.raises(RuntimeError, match="not restorable"):
+            a.request("Ephemeral.incr")
+        with pytest.raises(RuntimeError, match="session ended"):
+            a.request("add", 1, 2)
+    finally:
+        a.close()
+
+
+def test_10000_sessions_opened_and_closed_leave_nothing(rpc):
+    srv, port = rpc
+    active0, used0 = table_usage(srv.name)
+    call = msgpack.packb([0, 1, "Counter.incr", [1]])
+    for _ in range(10_000):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(call)
+            assert msgpack.unpackb(s.recv(100)) == [1, 1, None, 1]
+    deadline = time.monotonic() + 10
+    while table_usage(srv.name) != (active0, used0):
+        assert time.monotonic() < deadline, table_usage(srv.name)
+        time.sleep(0.1)
