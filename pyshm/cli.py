@@ -139,6 +139,36 @@ def _run(coro) -> int:
     return asyncio.run(coro) if uvloop is None else uvloop.run(coro)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from pyshm import control
+
+    try:
+        st = control.status(args.instance)
+    except ConnectionError as e:
+        print(f"pyshm: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"instance {st['instance']} (manager pid {st['pid']}): {st['requests_served']:,} requests served, "
+          f"{st['connections']} connections, {st['requests_in_flight']} in flight, {st['requests_waiting']} waiting")
+    print("workers:")
+    for w in st["workers"]:
+        print(f"  pid {w['pid']:<8} suite {w['suite']:<12} {w['state']:<9} served {w['served']:<10,} "
+              f"in flight {w['in_flight']}")
+    print("restarts: " + ", ".join(f"{k} {v}" for k, v in st["restarts"].items()))
+    ses = st["sessions"]
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(ses["by_kind"].items())) or "none"
+    print(f"sessions: {ses['active']:,} of {ses['capacity']:,} ({kinds})")
+    slots = st["slots"]
+    print(f"request slots: {slots['free']} free, {slots['queued']} queued, {slots['running']} running, "
+          f"{slots['done']} done")
+    heap = st["heap"]
+    print(f"heap: {format_size(heap['used_bytes'])} used of {format_size(heap['arena_bytes'])}, "
+          f"{heap['closures']} closures")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyshm", description="pyshm: a shared-memory Python server")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -169,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="instance name (segments /dev/shm/pyshm.NAME*)")
     p.add_argument("--preload", metavar="module:function", help="called once with the heap before workers start")
     p.set_defaults(fn=_serve)
+
+    p = sub.add_parser("status", help="workers, sessions and memory of a running instance (read-only)")
+    p.add_argument("instance", help="the instance name (instance.name, or pyshm-<port>)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_status)
 
     heap = sub.add_parser("heap", help="inspect a shared closure heap")
     heap_sub = heap.add_subparsers(dest="heap_command", required=True)

@@ -67,3 +67,24 @@ def connect(instance: str, hello: dict[str, Any], timeout: float = 10.0) -> tupl
         sock.close()
         raise ConnectionError("the manager sent no wake-up fd")
     return sock, reply, fds[0]
+
+
+def status(instance: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Asks a running instance for its status report (read-only)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address(instance))
+    except OSError as e:
+        sock.close()
+        raise ConnectionError(f"no pyshm instance {instance!r} is running here ({e.strerror})") from None
+    with sock:
+        sock.sendall(encode({"status": True}))
+        reader, data = LineReader(), b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"instance {instance!r} closed the connection without a report")
+            msgs = reader.feed(chunk)
+            if msgs:
+                return msgs[0]

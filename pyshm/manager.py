@@ -232,6 +232,7 @@ class ConnectionManager:
             return False
         w = self.workers.get(entry.worker)
         if w is not None and w.gen == entry.worker_gen and not w.draining:
+            self.sessions.touch(entry.id)
             return w
         w = self.dispatchers[p.suite].pick()
         if w is not None:
@@ -369,6 +370,28 @@ class ConnectionManager:
             log.exception("sending a response failed")
         if self.backlog:
             self.pump()
+
+    def status(self) -> dict:
+        """What `pyshm status` shows (read-only)."""
+        by_kind: dict[str, int] = {}
+        for sid in self.sessions.ids():
+            entry = self.sessions.get(sid)
+            if entry is not None:
+                key = f"{entry.kind.name.lower()}/{'bound' if entry.worker >= 0 else 'unbound'}"
+                by_kind[key] = by_kind.get(key, 0) + 1
+        st, heap = self.sessions.stats(), self.heap.stats()
+        return {
+            "instance": self.config.name, "pid": os.getpid(), "requests_served": self.served,
+            "connections": len(self.connections), "requests_in_flight": len(self.pending),
+            "requests_waiting": len(self.backlog),
+            "workers": [{"pid": w.pid, "suite": w.suite, "index": w.index,
+                         "state": "draining" if w.draining else "serving", "served": w.served,
+                         "in_flight": w.inflight} for w in sorted(self.workers.values(), key=lambda w: w.index)],
+            "restarts": {name: self.supervisor.restarts.get(name, 0) for name in self.config.suites},
+            "sessions": {"active": st.active, "capacity": st.capacity, "by_kind": by_kind},
+            "slots": self.rm.states(),
+            "heap": {"used_bytes": heap.used_bytes, "arena_bytes": heap.arena_bytes, "closures": heap.names},
+        }
 
     # -- workers join and leave (called by the supervisor) ---------------------------------
 

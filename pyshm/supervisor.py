@@ -59,6 +59,7 @@ class Supervisor:
         self.listener: socket.socket | None = None
         self.stopping = False
         self._quick_deaths: dict[str, int] = {}
+        self.restarts: dict[str, int] = {}          # by suite: workers started to replace dead ones
         self._joined = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
 
@@ -140,9 +141,24 @@ class Supervisor:
             for msg in conn.lines.feed(data):
                 if "hello" in msg and conn.worker is None:
                     self._hello(conn, msg["hello"])
+                elif msg.get("status") and conn.worker is None:
+                    self._status(conn)
+                    return
         except (ValueError, KeyError, TypeError) as e:
             log.warning("bad control message from a worker: %s", e)
             self._closed(conn)
+
+    def _status(self, conn: _ControlConn) -> None:
+        """`pyshm status`: a read-only report, then the connection closes."""
+        uid = struct.unpack("3i", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                       struct.calcsize("3i")))[1]
+        if uid == os.getuid():
+            conn.sock.setblocking(True)
+            try:
+                conn.sock.sendall(control.encode(self.manager.status()))
+            except OSError:
+                pass
+        self._closed(conn)
 
     def _hello(self, conn: _ControlConn, hello: dict) -> None:
         m = self.manager
@@ -210,6 +226,7 @@ class Supervisor:
                         child.proc.returncode)
 
     def _restart(self, child: Child) -> None:
+        self.restarts[child.suite] = self.restarts.get(child.suite, 0) + 1
         quick = time.monotonic() - child.started < 2.0
         n = self._quick_deaths[child.suite] = self._quick_deaths.get(child.suite, 0) + 1 if quick else 0
         delay = RESTART_BACKOFF[min(n, len(RESTART_BACKOFF) - 1)]

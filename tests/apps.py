@@ -10,6 +10,8 @@ def echo(request) -> bytes:
     data = bytes(request.payload)
     if data == b"pid":
         return str(os.getpid()).encode()
+    if data == b"sid":
+        return request.session.hex().encode() if request.session else b"none"
     if data.startswith(b"msleep:"):       # sleeps holding a pin on the closure "data"
         from pyshm import worker
 

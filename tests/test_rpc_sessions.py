@@ -109,3 +109,31 @@ def test_10000_sessions_opened_and_closed_leave_nothing(rpc):
     while table_usage(srv.name) != (active0, used0):
         assert time.monotonic() < deadline, table_usage(srv.name)
         time.sleep(0.1)
+
+
+def test_status_reports_workers_sessions_and_memory(rpc):
+    import json
+    import subprocess
+    import sys
+
+    srv, port = rpc
+    a = session(port)
+    try:
+        a.request("Counter.incr")
+        os.kill(a.request("pid"), signal.SIGKILL)
+        time.sleep(1.0)
+        out = subprocess.run([sys.executable, "-m", "pyshm.cli", "status", srv.name, "--json"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+        st = json.loads(out)
+        assert len(st["workers"]) == 2 and {w["suite"] for w in st["workers"]} == {"main"}
+        assert st["restarts"] == {"main": 1}
+        assert st["sessions"]["active"] == 1 and st["sessions"]["by_kind"] == {"distributed/bound": 1}
+        assert st["slots"]["free"] == 1024 and st["heap"]["closures"] >= 1
+        text = subprocess.run([sys.executable, "-m", "pyshm.cli", "status", srv.name], capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+        assert "sessions: 1 of 65,536" in text and "restarts: main 1" in text
+    finally:
+        a.close()
+    r = subprocess.run([sys.executable, "-m", "pyshm.cli", "status", "no-such-instance"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 1 and "no pyshm instance 'no-such-instance'" in r.stderr

@@ -354,3 +354,18 @@ def test_bad_listener_option_and_broken_app_fail_at_start(tmp_path):
     r = run(config(free_port(), app="apps:no_such_function"))
     assert r.returncode == 1 and "exited with status 1 before joining" in r.stderr
     assert "AttributeError" in r.stderr      # the worker's own error is shown above it
+
+
+def test_a_distributed_tcp_suite_binds_each_connection_to_one_worker(serve):
+    port = free_port()
+    serve(config(port, workers=2).replace("workers = 2", "workers = 2\ndistributed = true"), port)
+    clients = [FrameClient(port) for _ in range(6)]
+    seen = set()
+    for cl in clients:
+        pids = {cl.call(b"pid")[1] for _ in range(10)}
+        assert len(pids) == 1                      # all its requests on its bound worker
+        seen |= pids
+        sid = cl.call(b"sid")[1]
+        assert len(sid) == 32 and cl.call(b"sid")[1] == sid
+    assert len(seen) == 2                          # connections spread over the workers
+    assert FrameClient(port).call(b"sid")[1] != clients[0].call(b"sid")[1]
