@@ -28,6 +28,7 @@ bench: install redis-server wrk
 	$(PY) benchmarks/heap.py
 	$(PY) benchmarks/http.py
 	$(PY) benchmarks/rpc.py
+	$(PY) benchmarks/sessions.py
 
 redis-server:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)

@@ -18,8 +18,6 @@ import os
 import pickle
 import random
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,7 @@ import numpy as np
 
 import pyshm
 from pyshm.procmem import smaps_rollup
+from servers import Redis
 
 HEAP = f"bench-{os.getpid()}"
 
@@ -93,39 +92,6 @@ def closure_of(nbytes: int, items: dict) -> dict:
     """A closure of about nbytes: records plus a numeric array filling the rest."""
     filler = max(0, nbytes - 200 * len(items)) // 8
     return {"items": items, "vectors": np.arange(filler, dtype=np.float64)}
-
-
-class Redis:
-    """A real redis-server on 127.0.0.1, stopped by pid."""
-
-    def __init__(self) -> None:
-        self.proc = None
-        self.client = None
-        exe = shutil.which("redis-server")
-        if not exe:
-            print("redis-server not installed (make bench installs it): Redis columns are n/a")
-            return
-        import redis
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--proto-max-bulk-len", "1gb"],
-                                     stdout=subprocess.DEVNULL)
-        self.client = redis.Redis(host="127.0.0.1", port=port)
-        for _ in range(100):
-            try:
-                self.client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait()
 
 
 # ---- 1. map ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,3 +39,34 @@ def stop(procs: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+class Redis:
+    """A real redis-server on 127.0.0.1, stopped by pid."""
+
+    def __init__(self) -> None:
+        self.proc = None
+        self.client = None
+        exe = shutil.which("redis-server")
+        if not exe:
+            print("redis-server not installed (make bench installs it): Redis columns are n/a")
+            return
+        import redis
+
+        self.port = port = free_port()
+        self.proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--proto-max-bulk-len", "1gb"],
+                                     stdout=subprocess.DEVNULL)
+        self.client = redis.Redis(host="127.0.0.1", port=port)
+        for _ in range(100):
+            try:
+                self.client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait()

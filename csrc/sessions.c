@@ -190,6 +190,18 @@ int pyshm_sessions_get(pyshm_sessions_t *t, const uint8_t *id, pyshm_session_t *
     }
 }
 
+int pyshm_sessions_brief(pyshm_sessions_t *t, const uint8_t *id, pyshm_session_brief_t *out) {
+    pyshm_session_t s;
+    int rc = pyshm_sessions_get(t, id, &s);
+    if (rc) return rc;
+    out->worker = s.worker;
+    out->kind = s.kind;
+    out->worker_gen = s.worker_gen;
+    out->closure_version = s.closure_version;
+    out->expires = s.expires;
+    return PYSHM_OK;
+}
+
 /* ---- writers ---------------------------------------------------------------------------------- */
 
 /* Too many tombstones make misses slow: copy the live slots into the other
@@ -258,6 +270,27 @@ int pyshm_sessions_touch(pyshm_sessions_t *t, const uint8_t *id, double now, dou
     if (!sl) rc = PYSHM_ERR_NOTFOUND;
     else {
         begin(sl);
+        sl->s.last_access = now;
+        sl->s.expires = expires;
+        end(sl);
+    }
+    unlock(t);
+    return rc;
+}
+
+int pyshm_sessions_saved(pyshm_sessions_t *t, const uint8_t *id, const char *closure, uint64_t version,
+                         double now, double expires) {
+    size_t n = strlen(closure);
+    if (n >= sizeof(((pyshm_session_t *)0)->closure)) return PYSHM_ERR_NAME;
+    int rc = lock(t);
+    if (rc) return rc;
+    slot_t *sl = find_locked(t, id, NULL);
+    if (!sl) rc = PYSHM_ERR_NOTFOUND;
+    else {
+        begin(sl);
+        fault(t, PYSHM_SFAULT_UPDATE);
+        memcpy(sl->s.closure, closure, n + 1);
+        sl->s.closure_version = version;
         sl->s.last_access = now;
         sl->s.expires = expires;
         end(sl);

@@ -54,8 +54,19 @@ void pyshm_sessions_detach(pyshm_sessions_t *t);
  * PYSHM_ERR_EXISTS for an id already there. */
 int pyshm_sessions_insert(pyshm_sessions_t *t, const pyshm_session_t *s);
 int pyshm_sessions_get(pyshm_sessions_t *t, const uint8_t *id, pyshm_session_t *out);   /* lock-free */
+/* The hot paths' lookup (routing, HTTP session load): a few numbers, lock-free. */
+typedef struct {
+    int32_t worker;
+    uint32_t kind;
+    uint64_t worker_gen, closure_version;
+    double expires;
+} pyshm_session_brief_t;
+int pyshm_sessions_brief(pyshm_sessions_t *t, const uint8_t *id, pyshm_session_brief_t *out);
 int pyshm_sessions_put(pyshm_sessions_t *t, const pyshm_session_t *s);                  /* replace fields */
 int pyshm_sessions_touch(pyshm_sessions_t *t, const uint8_t *id, double now, double expires);
+/* The session's state was saved as version `version` of closure `closure`. */
+int pyshm_sessions_saved(pyshm_sessions_t *t, const uint8_t *id, const char *closure, uint64_t version,
+                         double now, double expires);
 int pyshm_sessions_remove(pyshm_sessions_t *t, const uint8_t *id);
 /* Ids (up to cap) of the sessions bound to worker `worker` (>= 0), expired
  * at `now` (PYSHM_SCAN_EXPIRED) or all (PYSHM_SCAN_ALL). */

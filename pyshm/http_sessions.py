@@ -12,12 +12,10 @@ ended, starts a fresh session.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import logging
 import time
 from collections.abc import MutableMapping
-from http.cookies import SimpleCookie
 from typing import Any, Iterator
 
 from pyshm.errors import ClosureNotFound
@@ -27,6 +25,16 @@ from pyshm.sessions import SessionKind, SessionTable
 log = logging.getLogger(__name__)
 
 COOKIE = "pyshm_session"
+
+
+def _cookie_value(header: str, name: str) -> str | None:
+    """The value of cookie `name` in a Cookie header (RFC 6265: pairs
+    separated by "; "), without SimpleCookie's cost."""
+    for pair in header.split(";"):
+        key, sep, value = pair.strip().partition("=")
+        if sep and key == name:
+            return value.strip('"')
+    return None
 
 
 def closure_name(sid: bytes) -> str:
@@ -40,13 +48,27 @@ class SessionStore:
                  secure: bool = False, suite: int = 0) -> None:
         self.table, self.heap, self.secret = table, heap, secret
         self.ttl, self.secure, self.suite = ttl, secure, suite
+        self._verified: dict[str, bytes] = {}
 
     def sign(self, sid: bytes) -> str:
-        mac = hmac.new(self.secret, sid, hashlib.sha256).digest()
+        mac = hmac.digest(self.secret, sid, "sha256")    # the one-shot C path
         return f"{sid.hex()}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
 
     def verify(self, value: str) -> bytes | None:
-        """The session id a cookie value carries, or None if it is not ours."""
+        """The session id a cookie value carries, or None if it is not ours.
+        Verified values are remembered (the secret does not change while
+        the worker runs), so a returning client costs one dict lookup."""
+        sid = self._verified.get(value)
+        if sid is not None:
+            return sid
+        sid = self._verify(value)
+        if sid is not None:
+            if len(self._verified) >= 4096:
+                self._verified.clear()
+            self._verified[value] = sid
+        return sid
+
+    def _verify(self, value: str) -> bytes | None:
         hexid, _, sig = value.partition(".")
         try:
             sid = bytes.fromhex(hexid)
@@ -57,15 +79,8 @@ class SessionStore:
         return sid
 
     def session_for(self, cookie_header: str | None) -> HttpSession:
-        sid = None
-        if cookie_header:
-            try:
-                morsel = SimpleCookie(cookie_header).get(COOKIE)
-            except Exception:   # a malformed Cookie header is a missing one
-                morsel = None
-            if morsel is not None:
-                sid = self.verify(morsel.value)
-        return HttpSession(self, sid)
+        value = _cookie_value(cookie_header, COOKIE) if cookie_header else None
+        return HttpSession(self, self.verify(value) if value else None)
 
     def end(self, sid: bytes) -> None:
         """Removes entry and closure (logout, invalidate)."""
@@ -95,14 +110,14 @@ class HttpSession(MutableMapping):
         if self._data is None:
             self._data = {}
             sid = self._claimed
-            entry = self._store.table.get(sid) if sid else None
-            if entry is not None and entry.expires and entry.expires <= time.time():
-                entry = None            # expired: the sweep frees it; this client starts afresh
-            if entry is not None:
+            brief = self._store.table.brief(sid) if sid else None
+            if brief is not None and brief[2] and brief[2] <= time.time():
+                brief = None            # expired: the sweep frees it; this client starts afresh
+            if brief is not None:
                 self.id = sid
-                if entry.closure:
+                if brief[3]:            # a closure version: state was saved
                     try:
-                        self._data = self._store.heap.get(entry.closure)
+                        self._data = self._store.heap.get(closure_name(sid))
                     except ClosureNotFound:
                         pass
         return self._data
@@ -147,18 +162,13 @@ class HttpSession(MutableMapping):
         if self.id is None and not self.modified:
             return []
         if self.id is None:                 # first write: a new session
-            entry = store.table.open(SessionKind.REQUEST, suite=store.suite, ttl=store.ttl)
-            self.id = entry.id
+            self.id = store.table.open(SessionKind.REQUEST, suite=store.suite, ttl=store.ttl).id
             headers.append(store.cookie(store.sign(self.id)))
         if self.modified:
             name = closure_name(self.id)
-            version = store.heap.put(name, dict(self._data))
-            entry = store.table.get(self.id)
-            if entry is not None:
-                entry.closure, entry.closure_version = name, version
-                entry.last_access = time.time()
-                entry.expires = entry.last_access + store.ttl if store.ttl else 0.0
-                store.table.put(entry)
+            version = store.heap.put(name, self._data)
+            if not store.table.saved(self.id, name, version, store.ttl):
+                store.heap.delete(name)      # ended meanwhile (logout in a parallel request)
         else:
             store.table.touch(self.id, store.ttl)
         return headers

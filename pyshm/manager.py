@@ -226,17 +226,18 @@ class ConnectionManager:
         """The session's bound worker; a new one when it died (the session
         moves, its endpoints restore from the last checkpoint).  False when
         the session ended (p is answered)."""
-        entry = self.sessions.get(p.request.session)
-        if entry is None:
+        sid = p.request.session
+        brief = self.sessions.brief(sid)
+        if brief is None:
             self._answer(p, b"the session ended", SESSION_ENDED)
             return False
-        w = self.workers.get(entry.worker)
-        if w is not None and w.gen == entry.worker_gen and not w.draining:
-            self.sessions.touch(entry.id)
+        w = self.workers.get(brief[0])
+        if w is not None and w.gen == brief[1] and not w.draining:
+            self.sessions.touch(sid)
             return w
         w = self.dispatchers[p.suite].pick()
         if w is not None:
-            self.sessions.bind(entry.id, w.index, w.gen)
+            self.sessions.bind(sid, w.index, w.gen)
         return w
 
     def _wake_later(self, index: int) -> None:

@@ -77,6 +77,7 @@ class SessionTable:
         self.name = name
         self._ptr = ptr
         self._c = ffi.new("pyshm_session_t *")
+        self._brief = ffi.new("pyshm_session_brief_t *")
 
     @classmethod
     def create(cls, instance: str, capacity: int = 65536) -> SessionTable:
@@ -136,6 +137,14 @@ class SessionTable:
         self._check(rc, "get")
         return self._session(self._c)
 
+    def brief(self, sid: bytes) -> tuple[int, int, float, int] | None:
+        """(bound worker, its generation, expires, closure version), or
+        None: the hot paths' lookup, without building a Session."""
+        b = self._brief
+        if lib.pyshm_sessions_brief(self._ptr, sid, b):
+            return None
+        return b.worker, b.worker_gen, b.expires, b.closure_version
+
     def put(self, s: Session) -> None:
         """Writes every field of s back to its entry."""
         self._fill(s)
@@ -154,6 +163,17 @@ class SessionTable:
         if rc == -6:
             return False
         self._check(rc, "touch")
+        return True
+
+    def saved(self, sid: bytes, closure: str, version: int, ttl: float = 0.0) -> bool:
+        """Records that the session's state is `version` of `closure` (and
+        marks an access); False if the session is gone."""
+        now = time.time()
+        rc = lib.pyshm_sessions_saved(self._ptr, self._id(sid), closure.encode(), version, now,
+                                      now + ttl if ttl else 0.0)
+        if rc == -6:
+            return False
+        self._check(rc, "save")
         return True
 
     def end(self, sid: bytes, heap: Any = None) -> bool:
