@@ -137,3 +137,21 @@ def test_status_reports_workers_sessions_and_memory(rpc):
     r = subprocess.run([sys.executable, "-m", "pyshm.cli", "status", "no-such-instance"], capture_output=True,
                        text=True, timeout=30)
     assert r.returncode == 1 and "no pyshm instance 'no-such-instance'" in r.stderr
+
+
+def test_a_full_session_table_is_an_rpc_error(serve):
+    port = free_port()
+    serve(one_suite("msgpack-rpc", port, "rpc_apps", workers=1, instance="sessions = 2"), port)
+    a, b = session(port), session(port)
+    try:
+        assert a.request("Counter.incr") == 1 and b.request("Counter.incr") == 1
+        c = session(port)
+        try:
+            with pytest.raises(RuntimeError, match="session table .* is full"):
+                c.request("Counter.incr")
+        finally:
+            c.close()
+        assert a.request("Counter.incr") == 2      # the others go on
+    finally:
+        a.close()
+        b.close()
