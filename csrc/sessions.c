@@ -164,6 +164,19 @@ static slot_t *find_locked(pyshm_sessions_t *t, const uint8_t *id, slot_t **free
     return NULL;
 }
 
+/* Takes the lock and finds id's slot; when it is not there, unlocks and
+ * returns NULL with *rc set. */
+static slot_t *lock_slot(pyshm_sessions_t *t, const uint8_t *id, int *rc) {
+    *rc = lock(t);
+    if (*rc) return NULL;
+    slot_t *sl = find_locked(t, id, NULL);
+    if (!sl) {
+        unlock(t);
+        *rc = PYSHM_ERR_NOTFOUND;
+    }
+    return sl;
+}
+
 int pyshm_sessions_get(pyshm_sessions_t *t, const uint8_t *id, pyshm_session_t *out) {
     uint64_t mask = t->hdr->n_slots - 1;
     for (;;) {
@@ -249,73 +262,61 @@ int pyshm_sessions_insert(pyshm_sessions_t *t, const pyshm_session_t *s) {
 }
 
 int pyshm_sessions_put(pyshm_sessions_t *t, const pyshm_session_t *s) {
-    int rc = lock(t);
-    if (rc) return rc;
-    slot_t *sl = find_locked(t, s->id, NULL);
-    if (!sl) rc = PYSHM_ERR_NOTFOUND;
-    else {
-        begin(sl);
-        fault(t, PYSHM_SFAULT_UPDATE);
-        sl->s = *s;
-        end(sl);
-    }
+    int rc;
+    slot_t *sl = lock_slot(t, s->id, &rc);
+    if (!sl) return rc;
+    begin(sl);
+    fault(t, PYSHM_SFAULT_UPDATE);
+    sl->s = *s;
+    end(sl);
     unlock(t);
-    return rc;
+    return PYSHM_OK;
 }
 
 int pyshm_sessions_touch(pyshm_sessions_t *t, const uint8_t *id, double now, double expires) {
-    int rc = lock(t);
-    if (rc) return rc;
-    slot_t *sl = find_locked(t, id, NULL);
-    if (!sl) rc = PYSHM_ERR_NOTFOUND;
-    else {
-        begin(sl);
-        sl->s.last_access = now;
-        sl->s.expires = expires;
-        end(sl);
-    }
+    int rc;
+    slot_t *sl = lock_slot(t, id, &rc);
+    if (!sl) return rc;
+    begin(sl);
+    sl->s.last_access = now;
+    sl->s.expires = expires;
+    end(sl);
     unlock(t);
-    return rc;
+    return PYSHM_OK;
 }
 
 int pyshm_sessions_saved(pyshm_sessions_t *t, const uint8_t *id, const char *closure, uint64_t version,
                          double now, double expires) {
     size_t n = strlen(closure);
     if (n >= sizeof(((pyshm_session_t *)0)->closure)) return PYSHM_ERR_NAME;
-    int rc = lock(t);
-    if (rc) return rc;
-    slot_t *sl = find_locked(t, id, NULL);
-    if (!sl) rc = PYSHM_ERR_NOTFOUND;
-    else {
-        begin(sl);
-        fault(t, PYSHM_SFAULT_UPDATE);
-        memcpy(sl->s.closure, closure, n + 1);
-        sl->s.closure_version = version;
-        sl->s.last_access = now;
-        sl->s.expires = expires;
-        end(sl);
-    }
+    int rc;
+    slot_t *sl = lock_slot(t, id, &rc);
+    if (!sl) return rc;
+    begin(sl);
+    fault(t, PYSHM_SFAULT_UPDATE);
+    memcpy(sl->s.closure, closure, n + 1);
+    sl->s.closure_version = version;
+    sl->s.last_access = now;
+    sl->s.expires = expires;
+    end(sl);
     unlock(t);
-    return rc;
+    return PYSHM_OK;
 }
 
 int pyshm_sessions_remove(pyshm_sessions_t *t, const uint8_t *id) {
-    int rc = lock(t);
-    if (rc) return rc;
-    slot_t *sl = find_locked(t, id, NULL);
-    if (!sl) rc = PYSHM_ERR_NOTFOUND;
-    else {
-        begin(sl);
-        fault(t, PYSHM_SFAULT_END);
-        sl->state = PYSHM_SESS_DEAD;
-        memset(&sl->s, 0, sizeof sl->s);
-        end(sl);
-        t->hdr->active--;
-        t->hdr->tombstones++;
-        if (t->hdr->tombstones > t->hdr->n_slots / 4) rehash(t);
-    }
+    int rc;
+    slot_t *sl = lock_slot(t, id, &rc);
+    if (!sl) return rc;
+    begin(sl);
+    fault(t, PYSHM_SFAULT_END);
+    sl->state = PYSHM_SESS_DEAD;
+    memset(&sl->s, 0, sizeof sl->s);
+    end(sl);
+    t->hdr->active--;
+    t->hdr->tombstones++;
+    if (t->hdr->tombstones > t->hdr->n_slots / 4) rehash(t);
     unlock(t);
-    return rc;
+    return PYSHM_OK;
 }
 
 int pyshm_sessions_scan(pyshm_sessions_t *t, double now, int32_t worker, uint8_t *ids, uint32_t cap) {

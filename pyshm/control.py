@@ -43,15 +43,20 @@ class LineReader:
         return out
 
 
-def connect(instance: str, hello: dict[str, Any], timeout: float = 10.0) -> tuple[socket.socket, dict, int]:
-    """Worker side: connects, says hello, returns (socket, reply, eventfd)."""
+def _open(instance: str, timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(address(instance))
     except OSError as e:
         sock.close()
-        raise ConnectionError(f"no pyshm instance {instance!r} is listening for workers ({e.strerror})") from None
+        raise ConnectionError(f"no pyshm instance {instance!r} is running here ({e.strerror})") from None
+    return sock
+
+
+def connect(instance: str, hello: dict[str, Any], timeout: float = 10.0) -> tuple[socket.socket, dict, int]:
+    """Worker side: connects, says hello, returns (socket, reply, eventfd)."""
+    sock = _open(instance, timeout)
     sock.sendall(encode({"hello": hello}))
     msg, fds, _, _ = socket.recv_fds(sock, 65536, 1)
     if not msg:
@@ -71,16 +76,9 @@ def connect(instance: str, hello: dict[str, Any], timeout: float = 10.0) -> tupl
 
 def status(instance: str, timeout: float = 10.0) -> dict[str, Any]:
     """Asks a running instance for its status report (read-only)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(address(instance))
-    except OSError as e:
-        sock.close()
-        raise ConnectionError(f"no pyshm instance {instance!r} is running here ({e.strerror})") from None
-    with sock:
+    with _open(instance, timeout) as sock:
         sock.sendall(encode({"status": True}))
-        reader, data = LineReader(), b""
+        reader = LineReader()
         while True:
             chunk = sock.recv(65536)
             if not chunk:
