@@ -58,13 +58,8 @@ class Connection(asyncio.Protocol):
         self.peer = (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)).encode()
         self.fe.connection_made(self.peer.decode(), (sock[0], sock[1]) if isinstance(sock, tuple) else ("", 0))
         self.manager.connections.add(self)
-        self.session: bytes | None = None
+        self.session: bytes | None = None       # opened at the first request (a probe costs no entry)
         self._session_error: str | None = None
-        if self.manager.config.suites[self.listen.suite].distributed:
-            try:
-                self.session = self.manager.open_session(self.listen.suite)
-            except SessionTableFull as e:
-                self._session_error = str(e)     # each request is answered with it
 
     def data_received(self, data: bytes) -> None:
         if self._error is not None or self._closing:
@@ -104,6 +99,11 @@ class Connection(asyncio.Protocol):
                 self._outstanding += 1
                 suite = self.listen.suite_for(ev.route)
                 if suite == self.listen.suite and self.manager.config.suites[suite].distributed:
+                    if self.session is None and self._session_error is None:
+                        try:
+                            self.session = self.manager.open_session(suite)
+                        except SessionTableFull as e:
+                            self._session_error = str(e)     # each request is answered with it
                     if self._session_error is not None:
                         self._answered(seq, ev, self._session_error.encode(), UNAVAILABLE)
                         continue

@@ -39,6 +39,14 @@ def table_usage(name: str) -> tuple[int, int]:
         h.close()
 
 
+def no_sessions_left(name: str) -> None:
+    """Waits until every session of earlier connections has ended."""
+    deadline = time.monotonic() + 10
+    while table_usage(name)[0]:
+        assert time.monotonic() < deadline, "sessions never ended"
+        time.sleep(0.02)
+
+
 def test_each_connection_has_its_own_endpoints(rpc):
     srv, port = rpc
     a, b = session(port), session(port)
@@ -99,6 +107,7 @@ def test_a_non_restorable_endpoint_ends_its_session(rpc):
 
 def test_10000_sessions_opened_and_closed_leave_nothing(rpc):
     srv, port = rpc
+    no_sessions_left(srv.name)
     active0, used0 = table_usage(srv.name)
     call = msgpack.packb([0, 1, "Counter.incr", [1]])
     for _ in range(10_000):
@@ -141,7 +150,8 @@ def test_status_reports_workers_sessions_and_memory(rpc):
 
 def test_a_full_session_table_is_an_rpc_error(serve):
     port = free_port()
-    serve(one_suite("msgpack-rpc", port, "rpc_apps", workers=1, instance="sessions = 2"), port)
+    srv = serve(one_suite("msgpack-rpc", port, "rpc_apps", workers=1, instance="sessions = 2"), port)
+    no_sessions_left(srv.name)
     a, b = session(port), session(port)
     try:
         assert a.request("Counter.incr") == 1 and b.request("Counter.incr") == 1
