@@ -66,6 +66,27 @@ def _raise(rc: int, what: str) -> None:
     raise cls(f"{what}: {msg}")
 
 
+def open_handle(fn: Any, ctype: str, name: str, what: str, *args: Any, create: bool = False,
+                too_small: str = "") -> Any:
+    """Calls a C create or attach function of one of the instance's segments
+    (request memory, session table) and maps its errors to ones a user can
+    act on; returns the handle."""
+    out = ffi.new(ctype)
+    rc = fn(name.encode(), *args, out)
+    if rc == -12:
+        raise SegmentExists(f"{what} {name!r} exists: another instance of that name runs, "
+                            f"or a dead one left it (`pyshm clean`)")
+    if rc == -13:
+        raise ValueError(f"{what} {name!r}: {too_small}")
+    if rc == -6:
+        raise SegmentNotFound(f"no {what} {name!r}: is the instance running?")
+    if rc == -7:
+        raise HeapCorrupt(f"{what} {name!r}: header fails its layout checks")
+    if rc:
+        _raise(rc, f"{'create' if create else 'attach'} {what} {name!r}")
+    return out[0]
+
+
 @dataclass(frozen=True)
 class HeapStats:
     """What stats() reports.  Sizes are bytes."""

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyshm._native import ffi, lib
-from pyshm.errors import HeapCorrupt, PyshmError, SegmentExists, SegmentNotFound
-from pyshm.heap import _raise
+from pyshm.errors import PyshmError
+from pyshm.heap import _raise, open_handle
 
 log = logging.getLogger(__name__)
 
@@ -77,29 +77,14 @@ class RequestMemory:
     @classmethod
     def create(cls, name: str, *, slots: int = 1024, workers: int = 64,
                inline_size: int = 64 * 1024) -> RequestMemory:
-        out = ffi.new("pyshm_reqmem_t **")
-        rc = lib.pyshm_rm_create(name.encode(), slots, workers, inline_size, out)
-        if rc == -12:
-            raise SegmentExists(f"request memory {name!r} exists: another instance of that name runs, "
-                                f"or a dead one left it (`pyshm clean`)")
-        if rc == -13:
-            raise ValueError(f"request memory {name!r}: slots (1..16M), workers (1..4096) and inline size "
-                             f"(up to 64 MiB) out of range: {slots}, {workers}, {inline_size}")
-        if rc:
-            _raise(rc, f"create request memory {name!r}")
-        return cls(name, out[0])
+        return cls(name, open_handle(lib.pyshm_rm_create, "pyshm_reqmem_t **", name, "request memory", slots,
+                                     workers, inline_size, create=True,
+                                     too_small=f"slots (1..16M), workers (1..4096) and inline size (up to 64 MiB) "
+                                               f"out of range: {slots}, {workers}, {inline_size}"))
 
     @classmethod
     def attach(cls, name: str) -> RequestMemory:
-        out = ffi.new("pyshm_reqmem_t **")
-        rc = lib.pyshm_rm_attach(name.encode(), out)
-        if rc == -6:
-            raise SegmentNotFound(f"no request memory {name!r}: is the instance running?")
-        if rc == -7:
-            raise HeapCorrupt(f"request memory {name!r}: header fails its layout checks")
-        if rc:
-            _raise(rc, f"attach request memory {name!r}")
-        return cls(name, out[0])
+        return cls(name, open_handle(lib.pyshm_rm_attach, "pyshm_reqmem_t **", name, "request memory"))
 
     def close(self) -> None:
         if self._ptr is not None:

@@ -84,7 +84,7 @@ class _Endpoints:
     restored_from: int = -1      # checkpoint version they came from; -1: fresh
 
 
-class Dispatcher:
+class CallRunner:
     """Runs calls for one worker: functions directly, endpoint methods on the
     calling session's own instances.  After each call that reached an
     endpoint, its shareable attributes are checkpointed to the session's
@@ -111,16 +111,21 @@ class Dispatcher:
             if kind == NOTIFY:
                 return None        # an unknown notification is ignored
             raise
+        keep = ep is not None and sid is not None
         try:
             result = fn(*params)
         except Exception:
+            if keep:
+                try:                  # what the method changed before it failed still counts
+                    self.checkpoint(sid, ep)
+                except PyshmError:    # but the client hears of the method's error, not this one
+                    log.exception("checkpoint of session %s failed", sid.hex())
             if kind == NOTIFY:
                 log.exception("notification %s failed", method)
                 return None
             raise
-        finally:
-            if ep is not None and sid is not None:
-                self.checkpoint(sid, ep)
+        if keep:
+            self.checkpoint(sid, ep)
         return None if kind == NOTIFY else msgpack.packb(result, use_bin_type=True)
 
     def resolve(self, method: str, sid: bytes | None) -> tuple[Callable[..., Any], _Endpoints | None]:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyshm._native import ffi, lib
-from pyshm.errors import HeapCorrupt, PyshmError, SegmentExists, SegmentNotFound
-from pyshm.heap import _raise
+from pyshm.errors import HeapCorrupt, PyshmError
+from pyshm.heap import _raise, open_handle
 
 FAULTS = {"create": lib.PYSHM_SFAULT_CREATE, "update": lib.PYSHM_SFAULT_UPDATE, "end": lib.PYSHM_SFAULT_END}
 
@@ -82,28 +82,14 @@ class SessionTable:
     @classmethod
     def create(cls, instance: str, capacity: int = 65536) -> SessionTable:
         name = segment_name(instance)
-        out = ffi.new("pyshm_sessions_t **")
-        rc = lib.pyshm_sessions_create(name.encode(), capacity, out)
-        if rc == -12:
-            raise SegmentExists(f"session table {name!r} exists")
-        if rc == -13:
-            raise ValueError(f"session table capacity must be 1 to 67,108,864, not {capacity}")
-        if rc:
-            _raise(rc, f"create session table {name!r}")
-        return cls(name, out[0])
+        return cls(name, open_handle(lib.pyshm_sessions_create, "pyshm_sessions_t **", name, "session table",
+                                     capacity, create=True,
+                                     too_small=f"capacity must be 1 to 67,108,864, not {capacity}"))
 
     @classmethod
     def attach(cls, instance: str) -> SessionTable:
         name = segment_name(instance)
-        out = ffi.new("pyshm_sessions_t **")
-        rc = lib.pyshm_sessions_attach(name.encode(), out)
-        if rc == -6:
-            raise SegmentNotFound(f"no session table {name!r}: is the instance running?")
-        if rc == -7:
-            raise HeapCorrupt(f"session table {name!r}: header fails its layout checks")
-        if rc:
-            _raise(rc, f"attach session table {name!r}")
-        return cls(name, out[0])
+        return cls(name, open_handle(lib.pyshm_sessions_attach, "pyshm_sessions_t **", name, "session table"))
 
     def close(self) -> None:
         if self._ptr is not None:

@@ -91,12 +91,12 @@ class Worker:
         self.rm = RequestMemory.attach(segment_name(instance))
         self.heap = _heap = SharedHeap.attach(instance)
         self.sessions = None
-        self.rpc: rpc.Dispatcher | None = None
+        self.rpc: rpc.CallRunner | None = None
         if interface == "wsgi":
             self.sessions = SessionStore(SessionTable.attach(instance), self.heap, bytes.fromhex(reply["secret"]),
                                          ttl=float(reply["session_ttl"]), secure=bool(reply["secure_cookies"]))
         elif interface == "rpc":
-            self.rpc = rpc.Dispatcher(app, SessionTable.attach(instance), self.heap)
+            self.rpc = rpc.CallRunner(app, SessionTable.attach(instance), self.heap)
         self.stopping = False
         self._lines = control.LineReader()
 
