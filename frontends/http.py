@@ -6,6 +6,25 @@ status and close: header section over max_header -> 431, body over max_body
 -> 413 (refused when the headers announce it, before any body byte is
 kept), malformed -> 400, a request not whole within request_timeout -> 408.
 
+The header section's size is that of its canonical form (request line,
+`name: value` lines, CRLFs: the bytes themselves when the client wrote it
+so); while it has not ended the bytes received count, so one that never ends
+is refused once about max_header bytes have come.
+
+Framing (RFC 9112): every request gets exactly one answer.
+- Only HTTP/1.0 and 1.1: HTTP/0.9 (no version), HTTP/2.0 and any other
+  version -> 505 (its status line says HTTP/1.1, never 0.9), and close.
+- Transfer-Encoding together with Content-Length -> 400 and close (§6.3
+  allows refusing or letting chunked win; llhttp refuses, as most servers
+  do).  Transfer-Encoding on an HTTP/1.0 request: the request is answered
+  and the connection closed, nothing after its body is read (§6.1).
+- Upgrade (websocket, h2c) is ignored (RFC 9110 §7.8): the request is
+  answered as if it had no Upgrade header, its body included, and the
+  connection goes on as HTTP/1.1.  CONNECT -> 501 and close.
+- An absolute-form target (`GET http://host/p?q HTTP/1.1`, §3.2.2) routes by
+  its path; pyshm.wsgi gives the application PATH_INFO /p, QUERY_STRING q
+  and HTTP_HOST host (the target's authority overrides the Host header).
+
 Between this front-end and a WSGI worker (pyshm.wsgi) a request travels as
 `encode_request` and the answer as `encode_response`: a 4-byte length, a
 msgpack header, then the body bytes, so the body is read in place."""
@@ -21,12 +40,15 @@ from http import HTTPStatus
 import httptools
 import msgpack
 
-from pyshm.frontend import SHUTTING_DOWN, TOO_LARGE, UNAVAILABLE, Event, FrontEnd, ProtocolError, Request, Send
+from pyshm.frontend import (SHUTTING_DOWN, TIMED_OUT, TOO_LARGE, UNAVAILABLE, Event, FrontEnd, ProtocolError,
+                            Request, Send)
 from pyshm.sizes import parse_size
 
+log = logging.getLogger(__name__)
 access_log = logging.getLogger("pyshm.access")
 _LEN = struct.Struct(">I")
 FEED_PIECE = 8192     # bytes fed to the parser at a time, so header limits bite early
+VERSIONS = ("1.0", "1.1")
 
 
 # -- the wire format between front-end and worker --------------------------------------
@@ -54,31 +76,48 @@ def decode_request(payload: memoryview) -> tuple[RequestHead, memoryview]:
             payload[4 + n:])
 
 
+def split_target(target: bytes) -> tuple[bytes | None, bytes, bytes]:
+    """(authority, path, query) of a request target.  The authority is None
+    but for the absolute form (`http://host:port/path?query`, RFC 9112
+    §3.2.2), whose path is "/" when empty."""
+    authority = None
+    scheme, sep, rest = target.partition(b"://")
+    if sep and scheme.lower() in (b"http", b"https"):
+        cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+        authority, target = rest[:cut].rpartition(b"@")[2], rest[cut:]
+        if not target.startswith(b"/"):
+            target = b"/" + target
+    path, _, query = target.partition(b"?")
+    return authority, path, query
+
+
 def render_response(head: RequestHead, status: str, headers: list[tuple[str, str]], chunks: list[bytes],
                     streamed: bool) -> list[bytes]:
     """The whole HTTP answer as parts to write one after another, built in
     the worker (the manager only sends it).  streamed: the application gave
     no Content-Length and yielded its body piece by piece: chunked on
-    HTTP/1.1."""
+    HTTP/1.1.  Date and Server are added unless the application set them."""
     lines = [f"HTTP/{head.version} {status}"]
-    has_length = False
+    seen = set()
     for name, value in headers:
         lname = name.lower()
         if lname.encode() in _HOP:
             continue
-        has_length |= lname == "content-length"
+        seen.add(lname)
         lines.append(f"{name}: {value}")
     code = int(status[:3])
     bodiless = code in (204, 304) or 100 <= code < 200
     chunked = False
-    if not has_length and not bodiless:
+    if "content-length" not in seen and not bodiless:
         if streamed and head.version == "1.1":
             chunked = True
             lines.append("transfer-encoding: chunked")
         else:
             lines.append(f"content-length: {sum(len(c) for c in chunks)}")
-    lines.append(f"date: {_date()}")
-    lines.append("server: pyshm")
+    if "date" not in seen:
+        lines.append(f"date: {_date()}")
+    if "server" not in seen:
+        lines.append("server: pyshm")
     if not head.keep_alive:
         lines.append("connection: close")
     elif head.version == "1.0":
@@ -99,8 +138,15 @@ def render_response(head: RequestHead, status: str, headers: list[tuple[str, str
 # -- the front-end ---------------------------------------------------------------------------
 
 class _Limit(Exception):
+    """Raised in a parser callback: answer `status` and close."""
+
     def __init__(self, status: int, why: str) -> None:
         self.status, self.why = status, why
+
+
+class _Closed(Exception):
+    """Raised in a parser callback: the request just parsed closes the
+    connection, so nothing after it is parsed."""
 
 
 def simple_response(status: int, text: str, *, close: bool, version: str = "1.1") -> bytes:
@@ -124,7 +170,14 @@ def _date() -> str:
 
 
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"proxy-connection"}
-_ERROR_STATUS = {UNAVAILABLE: 503, SHUTTING_DOWN: 503, TOO_LARGE: 413}
+_ERROR_STATUS = {UNAVAILABLE: 503, SHUTTING_DOWN: 503, TOO_LARGE: 413, TIMED_OUT: 504}
+
+
+def _parse_error(e: httptools.HttpParserError) -> tuple[int, str]:
+    why = str(e) or type(e).__name__
+    if why in ("Invalid HTTP version", "Pause on PRI/Upgrade"):   # HTTP/1.2, 3.0; HTTP/2's preface
+        return 505, "only HTTP/1.0 and HTTP/1.1 are supported"
+    return 400, f"malformed request: {why}"
 
 
 class HttpFrontEnd(FrontEnd):
@@ -146,15 +199,17 @@ class HttpFrontEnd(FrontEnd):
         self._dead = False
         self._in_message = False
         self._in_headers = False
-        self._header_bytes = 0
-        self._limit: _Limit | None = None   # what a callback refused (httptools wraps its exception)
+        self._stop: Exception | None = None   # what a callback raised (httptools wraps it)
+        self._replaying = False               # feeding an Upgrade request again, without the Upgrade
+        self._upgrading: tuple[bytes, bytes, str, list[tuple[bytes, bytes]]] | None = None
         self._reset()
 
     def _reset(self) -> None:
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._body = bytearray()
-        self._header_bytes = 0
+        self._header_bytes = 0     # bytes of the header section seen in whole pieces (a lower bound)
+        self._transfer_encoding = False   # the request has a Transfer-Encoding header
 
     def connection_made(self, peer: str, server: tuple[str, int]) -> None:
         self.peer, self.server = peer, server
@@ -167,31 +222,63 @@ class HttpFrontEnd(FrontEnd):
         self._events = []
         try:
             for i in range(0, len(data), FEED_PIECE):
-                piece = data[i:i + FEED_PIECE]
-                if not self._in_message or self._in_headers:
-                    self._header_bytes += len(piece)
-                self.parser.feed_data(piece)
+                self._feed(data[i:i + FEED_PIECE])
                 if self._dead:
                     break
                 if (self._in_headers or not self._in_message) and self._header_bytes > self.max_header:
                     raise _Limit(431, "request header section too large")
         except _Limit as lim:
             self._fail(lim.status, lim.why)
-        except httptools.HttpParserCallbackError:
-            lim = self._limit
-            if lim is None:
-                raise
-            self._fail(lim.status, lim.why)
-        except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserCallbackError as e:
+            self._stopped(e)
         except httptools.HttpParserError as e:
-            self._fail(400, f"malformed request: {e}")
+            self._fail(*_parse_error(e))
+        except Exception as e:   # the parser must not fail the connection's owner on any input
+            log.warning("http parser raised %r on input from %s", e, self.peer)
+            self._fail(400, "malformed request")
         return self._events
+
+    def _feed(self, piece: bytes) -> None:
+        while True:
+            if not self._in_message or self._in_headers:
+                self._header_bytes += len(piece)
+            try:
+                self.parser.feed_data(piece)
+                return
+            except httptools.HttpParserUpgrade as up:
+                self._ignore_upgrade()
+                piece = piece[up.args[0]:]     # what follows the request's head
+
+    def _ignore_upgrade(self) -> None:
+        """RFC 9110 §7.8: a server may ignore Upgrade.  httptools took the
+        request as complete without reading its body and stopped; a new
+        parser reads it again without the Upgrade header, body included,
+        and then the rest of the connection."""
+        if self._upgrading is None:
+            raise _Limit(400, "unexpected protocol upgrade")
+        method, url, version, headers = self._upgrading
+        self._upgrading = None
+        lines = [b"%s %s HTTP/%s" % (method, url, version.encode())]
+        lines += [name + b": " + value for name, value in headers if name.lower() != b"upgrade"]
+        self.parser = httptools.HttpRequestParser(self)
+        self._replaying = True
+        try:
+            self.parser.feed_data(b"\r\n".join(lines) + b"\r\n\r\n")
+        finally:
+            self._replaying = False
+
+    def _stopped(self, e: httptools.HttpParserCallbackError) -> None:
+        stop, self._stop = self._stop, None
+        if isinstance(stop, _Limit):
+            self._fail(stop.status, stop.why)
+        elif not isinstance(stop, _Closed):
+            log.warning("http parser callback failed (%r) on input from %s", e.__context__ or e, self.peer)
+            self._fail(400, "malformed request")
 
     def _refuse(self, status: int, why: str) -> None:
         """From a parser callback: stop parsing with this answer."""
-        self._limit = _Limit(status, why)
-        raise self._limit
+        self._stop = _Limit(status, why)
+        raise self._stop
 
     def _fail(self, status: int, why: str) -> None:
         self._dead = True
@@ -204,7 +291,12 @@ class HttpFrontEnd(FrontEnd):
         return []
 
     def partial(self) -> bool:
-        return self._in_message
+        return self._in_message and not self._dead
+
+    def buffered(self) -> int:
+        """Bytes held of a request not yet whole (the parser's own buffer of
+        a header line in progress excepted)."""
+        return len(self._url) + sum(len(n) + len(v) for n, v in self._headers) + len(self._body)
 
     def timeout_reply(self) -> bytes:
         return simple_response(408, "request not received in time", close=True)
@@ -224,7 +316,15 @@ class HttpFrontEnd(FrontEnd):
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
-        if len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers) > self.max_header:
+        version = self.parser.get_http_version()
+        if version not in VERSIONS:
+            self._refuse(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+        method = self.parser.get_method()
+        if method == b"CONNECT":
+            self._refuse(501, "CONNECT is not supported")
+        # The canonical size: "METHOD target HTTP/x.y\r\n", "name: value\r\n" each, "\r\n".
+        size = len(method) + len(self._url) + 14 + sum(len(n) + len(v) + 4 for n, v in self._headers)
+        if size > self.max_header:
             self._refuse(431, "request header section too large")
         for name, value in self._headers:
             lname = name.lower()
@@ -233,7 +333,10 @@ class HttpFrontEnd(FrontEnd):
                     self._refuse(400, "bad content-length")
                 if int(value) > self.max_body:
                     self._refuse(413, f"request body of {int(value)} bytes is over the limit of {self.max_body}")
-            elif lname == b"expect" and value.lower() == b"100-continue" and self.parser.get_http_version() == "1.1":
+            elif lname == b"transfer-encoding":
+                self._transfer_encoding = True
+            elif (lname == b"expect" and value.lower() == b"100-continue" and version == "1.1"
+                  and not self._replaying):
                 self._events.append(Send(b"HTTP/1.1 100 Continue\r\n\r\n"))
 
     def on_body(self, body: bytes) -> None:
@@ -242,16 +345,24 @@ class HttpFrontEnd(FrontEnd):
         self._body += body
 
     def on_message_complete(self) -> None:
+        if self.parser.should_upgrade():
+            # Its body is unread: _ignore_upgrade reads the request again.
+            self._upgrading = (self.parser.get_method(), self._url, self.parser.get_http_version(), self._headers)
+            return
         self._in_message = False
         version = self.parser.get_http_version()
-        keep_alive = self.parser.should_keep_alive()
+        # RFC 9112 §6.1: Transfer-Encoding on HTTP/1.0 means faulty framing: close after it.
+        keep_alive = self.parser.should_keep_alive() and not (version == "1.0" and self._transfer_encoding)
         method = self.parser.get_method().decode("ascii", "replace")
+        _, path, _ = split_target(self._url)
         head = RequestHead(method, self._url, version, keep_alive, self._headers, self.server)
-        self._events.append(Request(encode_request(head, bytes(self._body)), route=self._url.split(b"?", 1)[0],
-                                    meta=head))
-        if not keep_alive:
-            self._dead = True      # nothing after a request that closes the connection
+        self._events.append(Request(encode_request(head, bytes(self._body)), route=path, meta=head,
+                                    label=f"{method} {path[:200].decode('latin-1')}"))
         self._reset()
+        if not keep_alive:
+            self._dead = True      # nothing after a request that closes the connection is parsed
+            self._stop = _Closed()
+            raise self._stop
 
     # -- bytes out --------------------------------------------------------------------------
 

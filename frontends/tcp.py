@@ -3,7 +3,8 @@
 Each request frame gets one response frame, in order.  A response whose
 length word has its top bit set is an error: the payload is a UTF-8 message.
 A frame longer than max_frame gets an error frame and the connection closes;
-its body is neither read nor buffered."""
+its body is neither read nor buffered.  So does a frame not whole within
+request_timeout (the error frame says so)."""
 from __future__ import annotations
 
 import struct
@@ -67,7 +68,7 @@ class TcpFrontEnd(FrontEnd):
         return events
 
     def eof(self) -> list[Event]:
-        if self._buf or self._need:
+        if self.partial():
             self._closed = True
             return [ProtocolError("connection closed in the middle of a frame")]
         return []
@@ -76,4 +77,12 @@ class TcpFrontEnd(FrontEnd):
         return frame(body, error=error is not None)
 
     def partial(self) -> bool:
-        return bool(self._buf or self._need)
+        return not self._closed and bool(self._buf or self._need)
+
+    def buffered(self) -> int:
+        """Bytes received of a frame not yet whole."""
+        return len(self._buf)
+
+    def timeout_reply(self) -> bytes:
+        why = f"request not received within {float(self.options['request_timeout']):g} s"
+        return frame(why.encode(), error=True)

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
-from pyshm.frontends.http import RequestHead, decode_request, render_response
+from pyshm.frontends.http import RequestHead, decode_request, render_response, split_target
 from pyshm.http_sessions import SessionStore
 
 
@@ -50,8 +50,11 @@ class BodyInput(io.RawIOBase):
 
 
 def environ_for(head: RequestHead, body: memoryview, peer: str) -> dict[str, Any]:
+    """The WSGI environ.  An absolute-form target (http://host/path?query,
+    RFC 9112 §3.2.2) gives PATH_INFO /path and HTTP_HOST host, whatever
+    the Host header said."""
     method, target, version, headers, server = head.method, head.target, head.version, head.headers, head.server
-    path, _, query = target.partition(b"?")
+    authority, path, query = split_target(target)
     env: dict[str, Any] = {
         "REQUEST_METHOD": method,
         "SCRIPT_NAME": "",
@@ -82,6 +85,8 @@ def environ_for(head: RequestHead, body: memoryview, peer: str) -> dict[str, Any
             continue
         key = "HTTP_" + key
         env[key] = f"{env[key]},{val}" if key in env else val
+    if authority is not None:
+        env["HTTP_HOST"] = authority.decode("latin-1")
     if "CONTENT_LENGTH" not in env and len(body):
         env["CONTENT_LENGTH"] = str(len(body))   # a chunked body, now whole
     return env

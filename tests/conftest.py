@@ -1,5 +1,8 @@
 """Fixtures: unique heap names unlinked after each test, and subprocesses
-stopped by pid when the test ends."""
+stopped by pid when the test ends.  Hypothesis profiles: "ci" (the default:
+the same examples every run) and "fuzz" (HYPOTHESIS_PROFILE=fuzz: random
+seeds, many more examples); property tests carry the `fuzz` marker, so
+`HYPOTHESIS_PROFILE=fuzz pytest -m fuzz` runs them all hard."""
 from __future__ import annotations
 
 import itertools
@@ -10,11 +13,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pyshm import SegmentNotFound, SharedHeap
 from pyshm.heap import unlink
+
+# "ci" keeps hypothesis's default of 100 examples a test; tests set no
+# max_examples of their own, so that "fuzz" raises every one.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("fuzz", derandomize=False, deadline=None, print_blob=True, max_examples=5000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fuzz: a property or fuzz test (hypothesis); run hard by "
+                                       "HYPOTHESIS_PROFILE=fuzz pytest -m fuzz")
+
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "heap_worker.py"

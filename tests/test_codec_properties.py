@@ -8,6 +8,7 @@ import struct
 import uuid
 from collections.abc import Mapping, Sequence, Set
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,8 +35,8 @@ values = st.recursive(
     max_leaves=30,
 )
 
-SETTINGS = settings(max_examples=300, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# Examples, deadline and seed come from the profile (tests/conftest.py).
+SETTINGS = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 def assert_behaves_like(view, x):
@@ -68,6 +69,7 @@ def assert_behaves_like(view, x):
         assert view == x and type(view) is type(x)
 
 
+@pytest.mark.fuzz
 @SETTINGS
 @given(values)
 def test_roundtrip_and_view(heap, x):
@@ -77,6 +79,7 @@ def test_roundtrip_and_view(heap, x):
         assert_behaves_like(view, x)
 
 
+@pytest.mark.fuzz
 @SETTINGS
 @given(st.dictionaries(keys, st.integers(), max_size=40))
 def test_dict_lookup_by_equal_keys_of_other_types(heap, d):
@@ -104,6 +107,7 @@ def bits(f: float) -> bytes:
     return struct.pack("<d", f)
 
 
+@pytest.mark.fuzz
 @SETTINGS
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True), max_size=30))
 def test_floats_come_back_bit_for_bit(heap, xs):
