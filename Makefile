@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := $(wildcard csrc/*.c csrc/*.h) pyshm/_codec.pyx pyshm/_native_build.py setup.py pyproject.toml
 
-.PHONY: install run test bench redis-server curl wrk clean
+.PHONY: install run test fuzz bench redis-server curl wrk clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ run: install
 # The HTTP tests drive the server with curl.
 test: install curl
 	$(VENV)/bin/pytest
+
+# The property tests (marked `fuzz`) with random seeds and many more
+# examples, and the garbage fuzzers of the front-ends and the request memory.
+# `make test` runs the same tests derandomized: the same examples every run.
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz PYSHM_CHAOS_SEED=random $(VENV)/bin/pytest -m fuzz -p no:cacheprovider --timeout 1200
 
 # Benchmarks compare pyshm with its anchors side by side; they need redis-server.
 bench: install redis-server wrk

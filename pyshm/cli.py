@@ -99,9 +99,10 @@ def _serve_config(args: argparse.Namespace):
     from pyshm import config as cfgmod
 
     if args.config:
-        if args.app or args.tcp:
-            raise cfgmod.ConfigError("give either -c FILE or an app with --tcp, not both")
-        return cfgmod.load(args.config)
+        if args.app or args.tcp or args.http:
+            raise cfgmod.ConfigError("give either -c FILE or an app with --tcp/--http, not both")
+        # The worker-management flags given override every suite's settings.
+        return cfgmod.from_dict(_with_suite_flags(cfgmod.read(args.config), _suite_flags(args)))
     if not args.app or not (args.tcp or args.http):
         raise cfgmod.ConfigError("pyshm serve needs -c pyshm.toml, or an app and a listener: "
                                  "pyshm serve app:handle --tcp 127.0.0.1:7000, or myapp:app --http 127.0.0.1:8000")
@@ -111,7 +112,8 @@ def _serve_config(args: argparse.Namespace):
     listen = [{"frontend": "tcp", "address": a, "suite": "main"} for a in args.tcp or []]
     listen += [{"frontend": "http", "address": a, "suite": "main", "access_log": args.access_log}
                for a in args.http or []]
-    data = {"instance": {}, "suites": {"main": {"app": args.app, "workers": args.workers}}, "listen": listen}
+    data = {"instance": {}, "suites": {"main": {"app": args.app, "workers": args.workers, **_suite_flags(args)}},
+            "listen": listen}
     if args.name:
         data["instance"]["name"] = args.name
     if args.preload:
@@ -119,9 +121,21 @@ def _serve_config(args: argparse.Namespace):
     return cfgmod.from_dict(data)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import asyncio
+def _suite_flags(args: argparse.Namespace) -> dict:
+    """The worker-management flags given, as suite settings."""
+    flags = {"timeout": args.timeout, "max_requests": args.max_requests,
+             "max_requests_jitter": args.max_requests_jitter, "max_rss": args.max_rss}
+    return {k: v for k, v in flags.items() if v is not None}
 
+
+def _with_suite_flags(data: dict, flags: dict) -> dict:
+    for suite in data.get("suites", {}).values():
+        if isinstance(suite, dict):
+            suite.update(flags)
+    return data
+
+
+def _serve(args: argparse.Namespace) -> int:
     from pyshm.manager import ConnectionManager
 
     config = _serve_config(args)
@@ -161,8 +175,8 @@ def _status(args: argparse.Namespace) -> int:
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(ses["by_kind"].items())) or "none"
     print(f"sessions: {ses['active']:,} of {ses['capacity']:,} ({kinds})")
     slots = st["slots"]
-    print(f"request slots: {slots['free']} free, {slots['queued']} queued, {slots['running']} running, "
-          f"{slots['done']} done")
+    print(f"request slots: {slots['free']} free ({slots['manager_free']} on the manager's free list), "
+          f"{slots['queued']} queued, {slots['running']} running, {slots['done']} done")
     heap = st["heap"]
     print(f"heap: {format_size(heap['used_bytes'])} used of {format_size(heap['arena_bytes'])}, "
           f"{heap['closures']} closures")
@@ -198,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--name", help="instance name (segments /dev/shm/pyshm.NAME*)")
     p.add_argument("--preload", metavar="module:function", help="called once with the heap before workers start")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="a request running longer is answered (HTTP 504) and its worker replaced "
+                        "(default 30; 0: no limit)")
+    p.add_argument("--max-requests", type=int, metavar="N", help="replace a worker after N requests (0: never)")
+    p.add_argument("--max-requests-jitter", type=int, metavar="N",
+                   help="add a random 0..N to --max-requests per worker")
+    p.add_argument("--max-rss", metavar="SIZE", help='replace a worker whose resident memory passes SIZE ("512MiB")')
     p.set_defaults(fn=_serve)
 
     p = sub.add_parser("status", help="workers, sessions and memory of a running instance (read-only)")
@@ -219,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # An access log that is switched on (--access-log, access_log = true) is written without -v too.
+    logging.getLogger("pyshm.access").setLevel(logging.INFO)
     try:
         return args.fn(args)
     except Exception as exc:
@@ -226,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, PyshmError):
             print(f"pyshm: {exc}", file=sys.stderr)
-            return 1
+            return exc.exit_status
         raise
 
 

@@ -13,6 +13,10 @@
     app = "app:handle"         # module:attribute, imported by each worker
     workers = 4
     policy = "least-loaded"    # or "round-robin"
+    timeout = 30               # seconds a request may run; then it is answered and its worker replaced (0: none)
+    max_requests = 0           # replace a worker after this many requests (0: never) ...
+    max_requests_jitter = 0    # ... plus a random 0..jitter, so workers are not replaced at once
+    max_rss = 0                # replace a worker whose resident memory passes this ("512MiB"; 0: never)
 
     [[listen]]
     frontend = "tcp"
@@ -33,6 +37,8 @@ from pyshm.errors import PyshmError
 from pyshm.sizes import parse_size
 
 POLICIES = ("least-loaded", "round-robin")
+SUITE_KEYS = ("app", "workers", "policy", "interface", "distributed", "timeout", "max_requests",
+              "max_requests_jitter", "max_rss")
 INTERFACES = ("handler", "wsgi", "rpc")
 FRONTEND_INTERFACE = {"http": "wsgi", "msgpack-rpc": "rpc"}   # others: handler
 
@@ -49,6 +55,10 @@ class SuiteConfig:
     policy: str = "least-loaded"
     interface: str = ""      # handler | wsgi | rpc; "" = what its listeners' front-end implies
     distributed: bool | None = None   # a connection is a session bound to one worker (default: rpc suites)
+    timeout: float = 30.0    # seconds a request may run (0: no limit), as gunicorn's --timeout
+    max_requests: int = 0    # a worker is replaced after max_requests + random(0..jitter) requests (0: never)
+    max_requests_jitter: int = 0
+    max_rss: int = 0         # bytes of resident memory past which a worker is replaced (0: never)
 
 
 @dataclass
@@ -129,10 +139,9 @@ def _app(value: Any, where: str, *, module_alone: bool = False) -> str:
 def _suite(name: str, t: Any) -> SuiteConfig:
     where = f"suites.{name}"
     _typed(t, where, dict)
-    unknown = set(t) - {"app", "workers", "policy", "interface", "distributed"}
+    unknown = set(t) - set(SUITE_KEYS)
     if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]} is not a suite setting "
-                          f"(app, workers, policy, interface, distributed)")
+        raise ConfigError(f"{where}.{sorted(unknown)[0]} is not a suite setting ({', '.join(SUITE_KEYS)})")
     if "distributed" in t:
         s_distributed = _typed(t["distributed"], f"{where}.distributed", bool)
     else:
@@ -151,6 +160,17 @@ def _suite(name: str, t: Any) -> SuiteConfig:
         s.policy = _typed(t["policy"], f"{where}.policy", str)
         if s.policy not in POLICIES:
             raise ConfigError(f"{where}.policy must be one of {', '.join(POLICIES)}, not {s.policy!r}")
+    if "timeout" in t:
+        s.timeout = float(_typed(t["timeout"], f"{where}.timeout", (int, float)))
+        if s.timeout < 0:
+            raise ConfigError(f"{where}.timeout must be 0 (no limit) or a number of seconds, not {s.timeout:g}")
+    for key in ("max_requests", "max_requests_jitter"):
+        if key in t:
+            setattr(s, key, _typed(t[key], f"{where}.{key}", int))
+            if getattr(s, key) < 0:
+                raise ConfigError(f"{where}.{key} must be 0 or more")
+    if "max_rss" in t and t["max_rss"] not in (0, "0"):
+        s.max_rss = _size(t["max_rss"], f"{where}.max_rss")
     return s
 
 
@@ -250,12 +270,16 @@ def from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def load(path: str) -> Config:
+def read(path: str) -> dict[str, Any]:
+    """The TOML file's tables, not yet checked."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as e:
         raise ConfigError(f"cannot read configuration {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    return from_dict(data)
+
+
+def load(path: str) -> Config:
+    return from_dict(read(path))

@@ -74,6 +74,17 @@ def connect(instance: str, hello: dict[str, Any], timeout: float = 10.0) -> tupl
     return sock, reply, fds[0]
 
 
+def report_failure(instance: str, failed: dict[str, Any], timeout: float = 5.0) -> bool:
+    """Worker side, before it exits: tells the manager why it cannot start.
+    False when no manager listens."""
+    try:
+        with _open(instance, timeout) as sock:
+            sock.sendall(encode({"failed": failed}))
+        return True
+    except OSError:
+        return False
+
+
 def status(instance: str, timeout: float = 10.0) -> dict[str, Any]:
     """Asks a running instance for its status report (read-only)."""
     with _open(instance, timeout) as sock:

@@ -22,6 +22,8 @@ class WorkerRef:
     inflight: int = 0
     served: int = 0
     draining: bool = False   # takes no new requests (being replaced or stopped)
+    recycle_at: int = 0      # replaced once it served this many (max_requests + jitter; 0: never)
+    recycling: bool = False  # being replaced: retired as soon as another worker of its suite serves
 
 
 class Dispatcher:

@@ -5,6 +5,9 @@ from __future__ import annotations
 class PyshmError(Exception):
     """Base class of every pyshm error."""
 
+    #: What `pyshm` exits with when this error stops it.
+    exit_status = 1
+
 
 class ClosureError(PyshmError, TypeError):
     """An object graph reaches something that cannot be shared.
@@ -61,5 +64,15 @@ class DirectoryFull(PyshmError):
     """The heap's directory has no room for another name."""
 
 
-class WorkerStartError(PyshmError):
+class StartupError(PyshmError):
+    """An instance could not start serving (exit status 2)."""
+
+    exit_status = 2
+
+
+class ListenError(StartupError):
+    """A listener's address cannot be bound (in use, not this machine's, ...)."""
+
+
+class WorkerStartError(StartupError):
     """Workers did not start: the instance cannot serve."""

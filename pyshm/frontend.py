@@ -30,11 +30,16 @@ class Request:
 
     route: what routing rules match against (a path, a method name, the
     first bytes of a frame).  meta: anything the front-end wants back in
-    response() (e.g. the HTTP version)."""
+    response() (e.g. the HTTP version).  label: how the log names the
+    request ("GET /cart", "method add"); the route when empty."""
     payload: bytes
     route: bytes = b""
     session: bytes | None = None
     meta: Any = None
+    label: str = ""
+
+    def describe(self) -> str:
+        return self.label or repr(self.route[:64])
 
 
 @dataclass
@@ -61,6 +66,7 @@ UNAVAILABLE = "unavailable"      # no worker free within queue_timeout
 TOO_LARGE = "too-large"          # no shared memory for the payload
 SHUTTING_DOWN = "shutting-down"  # the server stopped before it ran
 SESSION_ENDED = "session-ended"  # its distributed session is gone
+TIMED_OUT = "timed-out"          # it ran longer than its suite's timeout (its worker was replaced)
 INTERNAL = "internal"
 
 

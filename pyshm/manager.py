@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass
@@ -21,12 +22,14 @@ from typing import Callable
 from pyshm.config import Config, ConfigError
 from pyshm.dispatch import Dispatcher, WorkerRef
 from pyshm import segments
-from pyshm.errors import HeapFull, PyshmError, SegmentExists
+from pyshm.errors import HeapFull, ListenError, PyshmError, SegmentExists
 from pyshm.frontend import (
-    APP_ERROR, INTERNAL, SESSION_ENDED, SHUTTING_DOWN, TOO_LARGE, UNAVAILABLE, WORKER_DIED, Registry, Request,
+    APP_ERROR, INTERNAL, SESSION_ENDED, SHUTTING_DOWN, TIMED_OUT, TOO_LARGE, UNAVAILABLE, WORKER_DIED, Registry,
+    Request,
 )
 from pyshm.heap import SharedHeap
 from pyshm.heap import unlink as unlink_segment
+from pyshm.procmem import resident_bytes
 from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RESP_UNAVAILABLE, RUNNING, RequestMemory, segment_name
 from pyshm.sessions import SessionKind, SessionTable
 from pyshm.sessions import segment_name as session_segment
@@ -52,8 +55,8 @@ class Pending:
     blob: int = 0                # heap blob of a payload too large for the slot
     data: int = 0
     worker: WorkerRef | None = None
-    started: bool = False        # known to have left the QUEUED state
-    answered: bool = False
+    started: float = 0.0         # when it was first seen RUNNING (0: not yet)
+    answered: bool = False       # its reply was sent (its slot may still be held: see _answer)
 
 
 class ConnectionManager:
@@ -69,7 +72,9 @@ class ConnectionManager:
         self.dispatchers = {name: Dispatcher(s) for name, s in config.suites.items()}
         self.suite_index = {name: i for i, name in enumerate(config.suites)}
         self.pending: dict[int, Pending] = {}          # by slot
-        self.backlog: collections.deque[Pending] = collections.deque()
+        # Requests waiting for a slot or a worker, oldest first, by suite.
+        self.backlog: dict[str, collections.deque[Pending]] = {name: collections.deque() for name in config.suites}
+        self._pumping = False
         self.workers: dict[int, WorkerRef] = {}        # by worker index
         self.connections: set[Connection] = set()
         self.servers: list[asyncio.base_events.Server] = []
@@ -121,38 +126,56 @@ class ConnectionManager:
             self.wake_fd = -1
 
     async def run(self) -> int:
-        """Serves until SIGTERM/SIGINT; returns the exit status."""
+        """Serves until SIGTERM/SIGINT; returns the exit status.  The
+        listeners are bound first: an address in use stops the start before
+        any segment or worker exists."""
         loop = asyncio.get_running_loop()
-        self.open_segments()
+        await self._bind()
         try:
+            self.open_segments()
             if self.config.preload:
                 self._preload(self.config.preload)
             loop.add_reader(self.wake_fd, self.on_wake)
             self.rm.arm()
             await self.supervisor.start()
-            for ls in self.config.listen:
-                fe = self.registry.get(ls.frontend)
-                server = await loop.create_server(lambda ls=ls, fe=fe: Connection(self, ls, fe), ls.host, ls.port,
-                                                  reuse_address=True)
-                self.servers.append(server)
+            for server, ls in zip(self.servers, self.config.listen):
+                await server.start_serving()
                 log.info("%s front-end on %s:%d -> suite %s", ls.frontend, ls.host, ls.port, ls.suite)
             stop = asyncio.Event()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.supervisor.reload)
-            timers = [loop.create_task(self._expire_queued()), loop.create_task(self._sweep_connections()),
+            timers = [loop.create_task(self._sweep_requests()), loop.create_task(self._sweep_connections()),
                       loop.create_task(self._expire_sessions())]
+            if any(s.max_rss for s in self.config.suites.values()):
+                timers.append(loop.create_task(self._watch_memory()))
             self.ready.set()
             await stop.wait()
+            await self.shutdown()       # (request timeouts still apply while it drains)
             for timer in timers:
                 timer.cancel()
-            await self.shutdown()
             return 0
         finally:
+            for server in self.servers:
+                server.close()
             self.supervisor.kill_all()
             if self.wake_fd >= 0:
                 loop.remove_reader(self.wake_fd)
             self.close_segments()
+
+    async def _bind(self) -> None:
+        loop = asyncio.get_running_loop()
+        for ls in self.config.listen:
+            fe = self.registry.get(ls.frontend)
+            try:
+                server = await loop.create_server(lambda ls=ls, fe=fe: Connection(self, ls, fe), ls.host, ls.port,
+                                                  reuse_address=True, start_serving=False)
+            except OSError as e:
+                for s in self.servers:
+                    s.close()
+                why = (os.strerror(e.errno) if e.errno else str(e)).lower()
+                raise ListenError(f"cannot listen on {_address(ls.host, ls.port)}: {why}") from None
+            self.servers.append(server)
 
     def _preload(self, spec: str) -> None:
         import_app(spec)(self.heap)
@@ -166,13 +189,25 @@ class ConnectionManager:
         for conn in list(self.connections):
             conn.shutdown()     # reads no more; closes once its answers are out
         deadline = time.monotonic() + self.config.graceful_timeout
-        while (self.pending or self.backlog) and time.monotonic() < deadline:
+        while self._unanswered() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for p in list(self.pending.values()) + list(self.backlog):
+        for conn in list(self.connections):
+            conn.answer_held(b"server shutting down", SHUTTING_DOWN)
+        for p in list(self.pending.values()) + [p for q in self.backlog.values() for p in q]:
             self._answer(p, b"server shutting down", SHUTTING_DOWN)
+        for q in self.backlog.values():
+            q.clear()
         await self.supervisor.stop_all()
         while self.connections and time.monotonic() < deadline + 2:
             await asyncio.sleep(0.02)
+
+    def _unanswered(self) -> bool:
+        return (any(not p.answered for p in self.pending.values()) or self.waiting() > 0
+                or any(conn.held() for conn in self.connections))
+
+    def waiting(self) -> int:
+        """Requests waiting here for a slot or a worker."""
+        return sum(len(q) for q in self.backlog.values())
 
     # -- the request path ------------------------------------------------------------
 
@@ -181,11 +216,10 @@ class ConnectionManager:
         called exactly once."""
         self._seq += 1
         p = Pending(suite, request, peer, reply, time.monotonic(), self._seq)
-        if self.backlog:
-            self.backlog.append(p)
+        queue = self.backlog[suite]
+        if queue or not self._place(p):
+            queue.append(p)     # behind the ones already waiting
             self.pump()
-        elif not self._place(p):
-            self.backlog.append(p)
 
     def _place(self, p: Pending) -> bool:
         """Gives p a slot and a worker; False when it must wait for either."""
@@ -263,13 +297,21 @@ class ConnectionManager:
             self.rm.request_area(p.slot)[:n] = payload
 
     def pump(self) -> None:
-        """Places waiting requests, oldest first, while slots and workers allow."""
-        kept: collections.deque[Pending] = collections.deque()
-        while self.backlog:
-            p = self.backlog.popleft()
-            if not self._place(p):
-                kept.append(p)
-        self.backlog = kept
+        """Places waiting requests, oldest first in each suite, while slots
+        and workers allow.  It stops at the first request of a suite that
+        must still wait, so its cost is what it places, not what waits."""
+        if self._pumping:
+            return          # an answer given while placing: the loop below goes on
+        self._pumping = True
+        try:
+            for queue in self.backlog.values():
+                while queue and (self.free_slots or queue[0].slot >= 0):
+                    p = queue.popleft()
+                    if not self._place(p):
+                        queue.appendleft(p)
+                        break
+        finally:
+            self._pumping = False
 
     async def _expire_sessions(self) -> None:
         """Ends idle sessions: entry and state closure go."""
@@ -285,26 +327,59 @@ class ConnectionManager:
             for conn in list(self.connections):
                 conn.check_timeouts(now)
 
-    async def _expire_queued(self) -> None:
-        """A request not started within queue_timeout (waiting for a slot or
-        a worker, or queued behind busy ones) is withdrawn and answered
-        'unavailable'."""
+    async def _sweep_requests(self) -> None:
+        """Ten times a second: withdraws requests not started within
+        queue_timeout, and times out those running longer than their
+        suite's timeout."""
         while True:
             await asyncio.sleep(0.1)
-            limit = self.config.queue_timeout
-            old = time.monotonic() - limit
-            late = [p for p in self.backlog if p.arrived < old]
-            late += [p for p in self.pending.values() if p.arrived < old and p.worker is not None and not p.started]
-            if not late:
-                continue
-            self.backlog = collections.deque(p for p in self.backlog if p.arrived >= old)
-            for p in late:
-                if p.slot >= 0 and p.worker is not None:
-                    if not self.rm.cancel(p.slot):
-                        p.started = True     # its worker took it: it will be answered
-                        continue
-                self._answer(p, f"no worker of suite {p.suite!r} could start it within {limit:g} s".encode(),
-                             UNAVAILABLE)
+            try:
+                self._sweep_requests_once(time.monotonic())
+            except Exception:   # a bug here must not end every later timeout
+                log.exception("sweeping requests failed")
+
+    def _sweep_requests_once(self, now: float) -> None:
+        self._expire_waiting(now - self.config.queue_timeout)
+        for p in [p for p in self.pending.values() if p.worker is not None and not p.answered]:
+            if not p.started:
+                self._check_started(p, now)
+            else:
+                limit = self.config.suites[p.suite].timeout
+                if limit and now - p.started > limit:
+                    self._time_out(p, limit)
+
+    def _unavailable(self, p: Pending) -> None:
+        limit = self.config.queue_timeout
+        self._answer(p, f"no worker of suite {p.suite!r} could start it within {limit:g} s".encode(), UNAVAILABLE)
+
+    def _expire_waiting(self, old: float) -> None:
+        """Requests waiting here arrived in order: the late ones are first."""
+        for queue in self.backlog.values():
+            while queue and queue[0].arrived < old:
+                self._unavailable(queue.popleft())
+
+    def _check_started(self, p: Pending, now: float) -> None:
+        """Learns whether p's worker took it; withdraws it when it waited
+        in the worker's ring past queue_timeout."""
+        state, _, _ = self.rm.slot_info(p.slot)
+        if state == QUEUED:
+            if p.arrived >= now - self.config.queue_timeout:
+                return
+            if self.rm.cancel(p.slot):
+                self._unavailable(p)
+                return
+            # The cancel lost: its worker took it just now.
+        p.started = now
+
+    def _time_out(self, p: Pending, limit: float) -> None:
+        """p ran past its suite's timeout: the client is answered now; its
+        worker is killed and replaced, and its slot is freed when the worker
+        is gone (until then the worker could still write into it)."""
+        w = p.worker
+        log.error("worker pid %d of suite %s ran %s for more than %g s: answering 'timed out' and replacing "
+                  "the worker", w.pid, p.suite, p.request.describe(), limit)
+        self._answer(p, f"timed out after {limit:g} s".encode(), TIMED_OUT, keep_slot=True)
+        self.supervisor.kill(w, f"request timeout ({limit:g} s)")
 
     def on_wake(self) -> None:
         """The eventfd fired: drain every completion ring, re-arm, drain again
@@ -316,8 +391,7 @@ class ConnectionManager:
         self.drain_all()
         self.rm.arm()
         self.drain_all()
-        if self.backlog:
-            self.pump()
+        self.pump()
 
     def drain_all(self) -> None:
         for w in list(self.workers.values()):
@@ -346,31 +420,41 @@ class ConnectionManager:
             self.heap.free_buffer(blob)
         else:
             body = bytes(self.rm.buf[data:data + length])
-        if p.worker is not None:
-            p.worker.served += 1
         self.served += 1
         self._answer(p, body, error)
+        w = p.worker
+        if w is not None:
+            w.served += 1
+            if w.recycle_at and w.served >= w.recycle_at and not w.draining:
+                self.supervisor.recycle(w, f"it served {w.served} requests (max_requests)")
 
-    def _answer(self, p: Pending, body: bytes, error: str | None) -> None:
-        """The one place a request ends: its slot and payload are freed."""
+    def _answer(self, p: Pending, body: bytes, error: str | None, *, keep_slot: bool = False) -> None:
+        """The one place a request is answered.  Its slot and payload are
+        freed, unless keep_slot: a worker may still write into them (a timed
+        out request whose worker is being killed); worker_left frees them."""
         if p.answered:
             return
         p.answered = True
         if p.worker is not None:
             p.worker.inflight -= 1
             self.supervisor.worker_idle(p.worker)
-        if p.slot >= 0:
-            self.rm.release(p.slot)
-            del self.pending[p.slot]
-            self.free_slots.append(p.slot)
-        if p.blob:
-            self.heap.free_buffer(p.blob)
+        if not keep_slot:
+            self._free(p)
         try:
             p.reply(body, error)
         except Exception:
             log.exception("sending a response failed")
-        if self.backlog:
-            self.pump()
+        self.pump()
+
+    def _free(self, p: Pending) -> None:
+        if p.slot >= 0:
+            self.rm.release(p.slot)
+            del self.pending[p.slot]
+            self.free_slots.append(p.slot)
+            p.slot = -1
+        if p.blob:
+            self.heap.free_buffer(p.blob)
+            p.blob = 0
 
     def status(self) -> dict:
         """What `pyshm status` shows (read-only)."""
@@ -384,19 +468,22 @@ class ConnectionManager:
         return {
             "instance": self.config.name, "pid": os.getpid(), "requests_served": self.served,
             "connections": len(self.connections), "requests_in_flight": len(self.pending),
-            "requests_waiting": len(self.backlog),
+            "requests_waiting": self.waiting() + sum(conn.held() for conn in self.connections),
             "workers": [{"pid": w.pid, "suite": w.suite, "index": w.index,
                          "state": "draining" if w.draining else "serving", "served": w.served,
                          "in_flight": w.inflight} for w in sorted(self.workers.values(), key=lambda w: w.index)],
             "restarts": {name: self.supervisor.restarts.get(name, 0) for name in self.config.suites},
             "sessions": {"active": st.active, "capacity": st.capacity, "by_kind": by_kind},
-            "slots": self.rm.states(),
+            "slots": {**self.rm.states(), "manager_free": len(self.free_slots)},
             "heap": {"used_bytes": heap.used_bytes, "arena_bytes": heap.arena_bytes, "closures": heap.names},
         }
 
     # -- workers join and leave (called by the supervisor) ---------------------------------
 
     def worker_joined(self, w: WorkerRef) -> None:
+        suite = self.config.suites[w.suite]
+        if suite.max_requests:
+            w.recycle_at = suite.max_requests + random.randint(0, suite.max_requests_jitter)
         self.workers[w.index] = w
         self.dispatchers[w.suite].add(w)
         self.pump()
@@ -404,7 +491,10 @@ class ConnectionManager:
     def worker_left(self, w: WorkerRef) -> None:
         """Worker w is gone.  Pushed responses are delivered; of its other
         requests, the not-yet-started go to another worker, the started get
-        an error response, the finished-but-not-pushed are delivered."""
+        an error response, the finished-but-not-pushed are delivered; the
+        slots of requests answered already (timed out) are freed."""
+        if self.rm is None:
+            return      # the manager is closing down
         for slot in self.rm.drain(w.index):
             self.complete(slot)
         self.rm.unbind_worker(w.index)
@@ -413,22 +503,37 @@ class ConnectionManager:
         requeue = []
         for p in [p for p in self.pending.values() if p.worker is w]:
             state, _, _ = self.rm.slot_info(p.slot)
-            if state == DONE:
+            if p.answered:
+                self._free(p)
+            elif state == DONE:
                 self.complete(p.slot)
             elif state == QUEUED:
                 p.worker = None
                 w.inflight -= 1
-                requeue.append(p)
+                requeue.append(p)       # keeps its slot: submitted to another worker as it is
             else:
                 why = "running" if state == RUNNING else f"in state {state}"
                 self._answer(p, f"worker {w.pid} died while the request was {why}".encode(), WORKER_DIED)
-        self.backlog.extendleft(reversed(requeue))
+        self.backlog[w.suite].extendleft(reversed(requeue))
         try:
             self.heap.reclaim()
         except PyshmError:
             log.exception("reclaiming the heap after worker %d died", w.pid)
         self.pump()
 
+    async def _watch_memory(self) -> None:
+        """Once a second: a worker whose resident memory passed its suite's
+        max_rss is replaced (gracefully, as for max_requests)."""
+        while True:
+            await asyncio.sleep(1.0)
+            for w in list(self.workers.values()):
+                limit = self.config.suites[w.suite].max_rss
+                if not limit or w.draining:
+                    continue
+                rss = resident_bytes(w.pid)
+                if rss > limit:
+                    self.supervisor.recycle(w, f"its resident memory {rss >> 20} MiB passed max_rss "
+                                               f"{limit >> 20} MiB")
 
 def _remove_if_orphaned(name: str) -> None:
     """A segment of this instance's name left by a manager that died (and
@@ -442,3 +547,7 @@ def _remove_if_orphaned(name: str) -> None:
     elif info.creator_alive:
         raise SegmentExists(f"instance segment {name!r} belongs to running process {info.creator_pid}: "
                             f"that instance still runs; stop it or choose another instance.name")
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -4,7 +4,16 @@ worker held, and starts a replacement.
 
 Runs inside the manager's event loop.  SIGHUP replaces the workers one by
 one: the new one joins before the old one stops taking requests, and the
-old one is told to stop only when it has none in flight."""
+old one is told to stop only when it has none in flight.  Recycling
+(max_requests, max_rss) replaces one worker the same way.
+
+Restarts: a worker that dies is replaced at once.  Only a worker that exits
+by itself (not killed by a signal from outside, not killed for a request
+timeout) before joining or within QUICK_DEATH seconds of it counts towards a
+crash loop, and from the second such death in a row its suite's next start
+waits (RESTART_BACKOFF).  A worker that cannot import its application says
+why on its control connection; at start that stops the instance with one
+line naming the error."""
 from __future__ import annotations
 
 import asyncio
@@ -19,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pyshm import control
+from pyshm import control, procmem
 from pyshm.dispatch import WorkerRef
 from pyshm.errors import SegmentExists, WorkerStartError
 
@@ -29,7 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 30.0     # seconds a new worker has to join
-RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0)   # after repeated quick deaths
+RESTART_BACKOFF = (0.0, 0.0, 0.5, 1.0, 2.0, 5.0)   # by consecutive quick deaths of a suite's workers
+QUICK_DEATH = 2.0        # seconds after joining within which exiting counts as a crash
 STOP_TIMEOUT = 5.0
 
 
@@ -40,7 +50,10 @@ class Child:
     suite: str
     started: float
     worker: WorkerRef | None = None
-    retiring: bool = False       # replaced (SIGHUP) or stopping: not restarted
+    joined: float = 0.0
+    retiring: bool = False       # replaced (SIGHUP, recycling) or stopping: not restarted
+    replacing: bool = False      # a replacement is starting
+    killed: bool = False         # killed by the manager (request timeout): not a crash
 
 
 class _ControlConn:
@@ -62,6 +75,7 @@ class Supervisor:
         self.restarts: dict[str, int] = {}          # by suite: workers started to replace dead ones
         self._joined = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self.start_errors: dict[int, str] = {}      # by pid: why a worker could not start
 
     # -- start ---------------------------------------------------------------
 
@@ -85,11 +99,17 @@ class Supervisor:
 
     async def _wait_joined(self, n: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT
+        exited: dict[int, float] = {}
         while len(self.manager.workers) < n:
             for c in self.children.values():
                 if c.worker is None and c.proc.poll() is not None:
-                    raise WorkerStartError(f"a worker of suite {c.suite!r} exited with status "
-                                           f"{c.proc.returncode} before joining; its error is above")
+                    why = self.start_errors.get(c.proc.pid)
+                    if why is not None:
+                        raise WorkerStartError(f"suite {c.suite}: {why}")
+                    # Its reason may still be on the way: give it a moment.
+                    if time.monotonic() - exited.setdefault(c.proc.pid, time.monotonic()) > 0.5:
+                        raise WorkerStartError(f"a worker of suite {c.suite!r} exited with status "
+                                               f"{c.proc.returncode} before joining; its error is above")
             if time.monotonic() > deadline:
                 raise WorkerStartError(f"only {len(self.manager.workers)} of {n} workers joined within "
                                        f"{START_TIMEOUT:g} s")
@@ -102,7 +122,7 @@ class Supervisor:
     def spawn(self, suite: str) -> Child:
         cfg = self.manager.config
         cmd = [sys.executable, "-m", "pyshm.worker", "--instance", cfg.name, "--suite", suite,
-               "--app", cfg.suites[suite].app, "--interface", cfg.suites[suite].interface]
+               "--app", cfg.suites[suite].app, "--interface", cfg.suites[suite].interface, "--supervised"]
         if log.isEnabledFor(logging.INFO):
             cmd.append("-v")
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
@@ -141,6 +161,9 @@ class Supervisor:
             for msg in conn.lines.feed(data):
                 if "hello" in msg and conn.worker is None:
                     self._hello(conn, msg["hello"])
+                elif "failed" in msg and conn.worker is None:
+                    self._failed(conn, msg["failed"])
+                    return
                 elif msg.get("status") and conn.worker is None:
                     self._status(conn)
                     return
@@ -150,8 +173,7 @@ class Supervisor:
 
     def _status(self, conn: _ControlConn) -> None:
         """`pyshm status`: a read-only report, then the connection closes."""
-        uid = struct.unpack("3i", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                       struct.calcsize("3i")))[1]
+        _, uid = self._peer(conn)
         if uid == os.getuid():
             conn.sock.setblocking(True)
             try:
@@ -160,14 +182,30 @@ class Supervisor:
                 pass
         self._closed(conn)
 
+    def _peer(self, conn: _ControlConn) -> tuple[int, int]:
+        """(pid, uid) of the process at the other end, as the kernel says."""
+        pid, uid, _ = struct.unpack("3i", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                               struct.calcsize("3i")))
+        return pid, uid
+
+    def _failed(self, conn: _ControlConn, failed: dict) -> None:
+        """A worker we started says why it cannot start (then exits)."""
+        pid, uid = self._peer(conn)
+        child = self.children.get(pid)
+        if uid == os.getuid() and child is not None and pid not in self.start_errors:
+            why = str(failed.get("error", "unknown error"))[:2000]
+            self.start_errors[pid] = why
+            if self.manager.ready.is_set():
+                log.error("a worker of suite %s could not start: %s", child.suite, why)
+        self._closed(conn)
+
     def _hello(self, conn: _ControlConn, hello: dict) -> None:
         m = self.manager
         suite = str(hello["suite"])
         pid, start = int(hello["pid"]), int(hello["start"])
         # The socket is abstract (no file permissions): the kernel says who
         # connected, and only this user's processes, as who they claim, join.
-        peer_pid, peer_uid, _ = struct.unpack("3i", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                          struct.calcsize("3i")))
+        peer_pid, peer_uid = self._peer(conn)
         if peer_uid != os.getuid() or peer_pid != pid:
             log.warning("refused a worker: uid %d pid %d (claimed pid %d)", peer_uid, peer_pid, pid)
             self._closed(conn)
@@ -190,7 +228,9 @@ class Supervisor:
         child = self.children.get(pid)
         if child is not None:
             child.worker = w
+            child.joined = time.monotonic()
         m.worker_joined(w)
+        self._retire_recycled(suite)
         self._joined.set()
         log.info("worker pid %d joined suite %s as index %d", pid, suite, index)
 
@@ -208,33 +248,40 @@ class Supervisor:
         child = self.children.pop(w.pid, None)
         if child is not None:
             self._reap(child)
-            if not child.retiring and not self.stopping:
-                self._restart(child)
         log.info("worker pid %d (suite %s) left", w.pid, w.suite)
 
     def _reap(self, child: Child, tries: int = 0) -> None:
-        """Collects an exited worker without blocking the loop; one that
-        closed its control connection but still runs after 2 s is broken
-        and is killed."""
+        """Collects an exited worker without blocking the loop, then
+        restarts it unless it was retired; one that closed its control
+        connection but still runs after 2 s is broken and is killed."""
         if child.proc.poll() is None:
-            if tries == 20:
+            if tries == 40:
                 child.proc.kill()
-            asyncio.get_running_loop().call_later(0.1, self._reap, child, tries + 1)
+            asyncio.get_running_loop().call_later(0.05, self._reap, child, tries + 1)
             return
-        if child.proc.returncode not in (0, -signal.SIGTERM):
-            log.warning("worker pid %d of suite %s died (status %s)", child.proc.pid, child.suite,
-                        child.proc.returncode)
+        status = child.proc.returncode
+        if status not in (0, -signal.SIGTERM) and not child.killed:
+            log.warning("worker pid %d of suite %s died (%s)", child.proc.pid, child.suite, _status_text(status))
+        if not child.retiring and not self.stopping:
+            self._restart(child)
 
     def _restart(self, child: Child) -> None:
-        self.restarts[child.suite] = self.restarts.get(child.suite, 0) + 1
-        quick = time.monotonic() - child.started < 2.0
-        n = self._quick_deaths[child.suite] = self._quick_deaths.get(child.suite, 0) + 1 if quick else 0
-        delay = RESTART_BACKOFF[min(n, len(RESTART_BACKOFF) - 1)]
-        if delay:
-            log.error("workers of suite %s keep dying; next start in %g s", child.suite, delay)
-            asyncio.get_running_loop().call_later(delay, self._spawn_unless_stopping, child.suite)
+        """Starts a worker in place of `child`, at once unless its suite is
+        in a crash loop (see the module's docstring)."""
+        suite = child.suite
+        self.restarts[suite] = self.restarts.get(suite, 0) + 1
+        status = child.proc.returncode
+        if child.killed or status == -signal.SIGKILL:
+            delay = 0.0         # killed from outside or by us: says nothing about the application
         else:
-            self.spawn(child.suite)
+            quick = not child.joined or time.monotonic() - child.joined < QUICK_DEATH
+            n = self._quick_deaths[suite] = self._quick_deaths.get(suite, 0) + 1 if quick else 0
+            delay = RESTART_BACKOFF[min(n, len(RESTART_BACKOFF) - 1)]
+        if delay:
+            log.error("workers of suite %s keep dying; next start in %g s", suite, delay)
+            asyncio.get_running_loop().call_later(delay, self._spawn_unless_stopping, suite)
+        else:
+            self.spawn(suite)
 
     def _spawn_unless_stopping(self, suite: str) -> None:
         if not self.stopping:
@@ -247,8 +294,10 @@ class Supervisor:
             for pid, c in list(self.children.items()):
                 if c.worker is None and c.proc.poll() is not None:
                     del self.children[pid]
-                    log.error("worker pid %d of suite %s exited with status %s before joining", pid, c.suite,
-                              c.proc.returncode)
+                    why = self.start_errors.pop(pid, None)
+                    if why is None:
+                        log.error("worker pid %d of suite %s exited (%s) before joining", pid, c.suite,
+                                  _status_text(c.proc.returncode))
                     if not c.retiring and not self.stopping:
                         self._restart(c)
 
@@ -261,6 +310,53 @@ class Supervisor:
                 conn.sock.send(control.encode({"stop": True}))
             except OSError:
                 pass
+
+    def kill(self, w: WorkerRef, why: str) -> None:
+        """SIGKILLs worker w (its control connection then closes and it is
+        replaced).  A hand-started worker is signalled through a pidfd after
+        checking its start time, so a recycled pid is never hit."""
+        log.warning("killing worker pid %d of suite %s: %s", w.pid, w.suite, why)
+        w.draining = True
+        child = self.children.get(w.pid)
+        if child is not None:
+            child.killed = True
+            if child.proc.poll() is None:
+                child.proc.kill()
+            return
+        try:
+            fd = os.pidfd_open(w.pid)
+        except OSError:
+            return      # gone already
+        try:
+            if procmem.start_time(w.pid) == w.start:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def recycle(self, w: WorkerRef, why: str) -> None:
+        """Replaces worker w gracefully: a new worker starts, and w takes no
+        new requests (then stops once it answered the ones it holds) as soon
+        as another worker of its suite serves: at once when there is one,
+        else when the new one joined."""
+        if self.stopping or w.recycling or w.draining:
+            return
+        log.info("replacing worker pid %d of suite %s: %s", w.pid, w.suite, why)
+        w.recycling = True
+        child = self.children.get(w.pid)
+        if child is not None:
+            child.retiring = True       # not restarted: its replacement is starting
+            self.spawn(w.suite)
+        self._retire_recycled(w.suite)
+
+    def _retire_recycled(self, suite: str) -> None:
+        """Retires the recycled workers of `suite` while another serves."""
+        serving = [x for x in self.manager.workers.values() if x.suite == suite and not x.draining]
+        for w in [x for x in serving if x.recycling]:
+            if len(serving) > 1:
+                self.retire(w)
+                serving.remove(w)
 
     def worker_idle(self, w: WorkerRef) -> None:
         if w.draining and w.inflight == 0:
@@ -284,6 +380,16 @@ class Supervisor:
         for child in [c for c in self.children.values() if c.worker is not None and not c.retiring]:
             if self.stopping:
                 return
+            await self._replace(child)
+
+    async def _replace(self, child: Child) -> None:
+        """Starts a worker of child's suite; once it joined, retires child
+        and waits until it is gone.  If the new one does not join, child
+        stays."""
+        if child.replacing or child.retiring:
+            return
+        child.replacing = True
+        try:
             new = self.spawn(child.suite)
             deadline = time.monotonic() + START_TIMEOUT
             while new.worker is None and new.proc.poll() is None and time.monotonic() < deadline:
@@ -291,12 +397,14 @@ class Supervisor:
             if new.worker is None:
                 log.error("replacement worker for suite %s did not join; keeping pid %d", child.suite,
                           child.proc.pid)
-                continue
+                return
             old = child.worker
             if old is not None:
                 self.retire(old)
                 while old.index in self.conns and self.conns[old.index].worker is old:
                     await asyncio.sleep(0.02)
+        finally:
+            child.replacing = False
 
     async def stop_all(self) -> None:
         self.stopping = True
@@ -313,16 +421,29 @@ class Supervisor:
     def kill_all(self) -> None:
         for c in list(self.children.values()):
             if c.proc.poll() is None:
-                log.warning("worker pid %d did not stop in time; killing it", c.proc.pid)
+                if self.stopping:   # (at a failed start the others are simply stopped)
+                    log.warning("worker pid %d did not stop in time; killing it", c.proc.pid)
                 c.proc.kill()
             c.proc.wait()
         self.children.clear()
+        loop = asyncio.get_running_loop()
+        for conn in list(self.conns.values()):
+            # Closed without worker_left: the manager is going away.
+            loop.remove_reader(conn.sock)
+            conn.sock.close()
+        self.conns.clear()
         if self.listener is not None:
-            try:
-                asyncio.get_running_loop().remove_reader(self.listener)
-            except RuntimeError:
-                pass
+            loop.remove_reader(self.listener)
             self.listener.close()
             self.listener = None
         for t in self._tasks:
             t.cancel()
+
+
+def _status_text(status: int | None) -> str:
+    if status is not None and status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import os
 import signal
@@ -71,7 +72,15 @@ def import_app(spec: str, interface: str = "handler") -> Any:
         obj = getattr(obj, part)
     if not callable(obj):
         raise TypeError(f"{spec} is not callable")
+    if interface == "wsgi" and _is_asgi(obj):
+        raise TypeError(f"{spec} is an ASGI application (async, called with scope, receive, send); pyshm serves "
+                        f"WSGI applications over HTTP: give it a WSGI app (Flask, Django's get_wsgi_application())")
     return obj
+
+
+def _is_asgi(app: Any) -> bool:
+    """An async callable: a coroutine function, or an object whose __call__ is one."""
+    return inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(getattr(type(app), "__call__", None))
 
 
 class Worker:
@@ -179,6 +188,8 @@ class Worker:
                 blob, data, area = self.heap.alloc_buffer(n)
             except PyshmError as exc:
                 msg = f"response of {n} bytes does not fit in shared memory: {exc}"
+                log.error("worker %d: %s (instance.heap_size bounds a response); answering with an error",
+                          self.index, msg)
                 parts, flags = [msg.encode()[:self.rm.inline_size]], RESP_ERROR
                 n = len(parts[0])
                 area = self.rm.response_area(slot)
@@ -197,6 +208,17 @@ def _start_time(pid: int) -> int:
     return int(out[0])
 
 
+def _cannot_start(args: argparse.Namespace, exc: Exception) -> int:
+    """The application cannot be imported: one line that says why (the
+    traceback with -v), to the supervisor when it started us."""
+    why = f"cannot load the application {args.app!r}: {type(exc).__name__}: {exc}"
+    if args.verbose:
+        log.error("%s\n%s", why, traceback.format_exc())
+    if not (args.supervised and control.report_failure(args.instance, {"suite": args.suite, "error": why})):
+        print(f"pyshm worker: {why}", file=sys.stderr)
+    return 3
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyshm.worker")
     p.add_argument("--instance", required=True)
@@ -205,11 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interface", choices=("handler", "wsgi", "rpc"), default="handler",
                    help="handler: handle(request) -> bytes; wsgi: a WSGI application; rpc: an RpcRegistry")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--supervised", action="store_true",
+                   help=argparse.SUPPRESS)   # started by the supervisor: start errors go to it, not stderr
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"%(levelname)s worker[{os.getpid()}] %(name)s: %(message)s")
-    app = import_app(args.app, args.interface)
-    worker = Worker(args.instance, args.suite, app, args.interface)
+    try:
+        app = import_app(args.app, args.interface)
+    except Exception as exc:
+        return _cannot_start(args, exc)
+    try:
+        worker = Worker(args.instance, args.suite, app, args.interface)
+    except ConnectionError as exc:
+        print(f"pyshm worker: {exc}", file=sys.stderr)
+        return 1
 
     def stop(signum: int, frame: Any) -> None:
         worker.stopping = True
