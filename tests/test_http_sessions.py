@@ -8,7 +8,7 @@ import httpx
 
 from pyshm.heap import SharedHeap
 from pyshm.sessions import SessionTable
-from server_util import free_port, one_suite
+from server_util import free_port, one_suite, quiescent, status
 
 
 def start(serve, *, instance: str = "", workers: int = 2):
@@ -74,22 +74,28 @@ def test_invalidate_and_expiry_free_entry_and_closure(serve):
 def test_10000_sessions_opened_and_closed_leave_nothing(serve):
     srv, port = start(serve, workers=2)
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")            # warm both sides up first
-        buf = s.recv(65536)
-        active0, used0, names0 = usage(srv.name)   # the warm-up's session stays
         buf = b""
+
+        def more() -> bytes:
+            chunk = s.recv(65536)
+            assert chunk, "the server closed the connection"
+            return chunk
 
         def answer() -> bytes:
             nonlocal buf
             while b"\r\n\r\n" not in buf:
-                buf += s.recv(65536)
+                buf += more()
             head, _, rest = buf.partition(b"\r\n\r\n")
             n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
             while len(rest) < n:
-                rest += s.recv(65536)
+                rest += more()
             buf = rest[n:]
             return head
 
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")            # warm both sides up first
+        answer()
+        active0, used0, names0 = usage(srv.name)   # the warm-up's session stays
+        manager_free0 = status(srv.name)["slots"]["manager_free"]
         for _ in range(10_000):
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             head = answer()
@@ -98,6 +104,34 @@ def test_10000_sessions_opened_and_closed_leave_nothing(serve):
             assert b"Max-Age=0" in answer()
     active, used, names = usage(srv.name)
     assert active == active0 and names == names0 and used == used0
+    assert status(srv.name)["slots"]["manager_free"] == manager_free0 == 1024
+
+
+def test_a_read_only_request_saves_nothing(serve):
+    """An application that only reads environ["pyshm.session"]: no cookie
+    is set, no entry opened, no closure written, without a session and with
+    one."""
+    srv, port = start(serve)
+    active0, used0, names0 = usage(srv.name)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        for _ in range(5):
+            r = client.get("/peek")
+            assert r.text == "0 0" and "set-cookie" not in r.headers
+        assert usage(srv.name) == (active0, used0, names0)
+        assert client.get("/").text.split()[0] == "1"            # a write opens one
+        active1, used1, names1 = usage(srv.name)
+        assert active1 == active0 + 1 and len(names1) == len(names0) + 1
+        heap = SharedHeap.attach(srv.name, observe=True)
+        try:
+            versions1 = list(heap.versions())
+            for _ in range(10):                                    # both workers read it; none saves
+                r = client.get("/peek")
+                assert r.text == "1 1" and "set-cookie" not in r.headers
+            assert list(heap.versions()) == versions1
+        finally:
+            heap.close()
+        assert usage(srv.name) == (active1, used1, names1)
+    quiescent(srv.name)
 
 
 def test_a_full_session_table_is_503(serve):

@@ -14,7 +14,7 @@ from pynvim.msgpack_rpc import tcp_session
 
 from pyshm.heap import SharedHeap
 from pyshm.sessions import SessionTable
-from server_util import free_port, one_suite
+from server_util import free_port, one_suite, status, status_cli, wait_for, worker_pids
 
 
 def session(port: int):
@@ -78,9 +78,10 @@ def test_killed_worker_the_in_flight_call_errors_and_the_next_continues(rpc):
 
         t = threading.Thread(target=in_flight)
         t.start()
-        time.sleep(0.5)
+        wait_for(lambda: status(srv.name)["slots"]["running"] == 1, "the call runs in its worker")
         os.kill(victim, signal.SIGKILL)
         t.join(10)
+        assert not t.is_alive()
         assert errors and "died while the request was running" in errors[0]
         assert a.request("Slow.incr") == 6              # from the checkpoint (5), on another worker
         assert a.request("pid") != victim
@@ -95,8 +96,9 @@ def test_a_non_restorable_endpoint_ends_its_session(rpc):
     a = session(port)
     try:
         assert a.request("Ephemeral.incr") == 1
-        os.kill(a.request("pid"), signal.SIGKILL)
-        time.sleep(0.5)
+        victim = a.request("pid")
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: victim not in worker_pids(srv.name), "the manager saw the worker die")
         with pytest.raises(RuntimeError, match="not restorable"):
             a.request("Ephemeral.incr")
         with pytest.raises(RuntimeError, match="session ended"):
@@ -113,7 +115,7 @@ def test_10000_sessions_opened_and_closed_leave_nothing(rpc):
     for _ in range(10_000):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(call)
-            assert msgpack.unpackb(s.recv(100)) == [1, 1, None, 1]
+            assert msgpack.unpackb(s.recv(100)) == [1, 1, None, 1]    # 5 bytes: one segment
     deadline = time.monotonic() + 10
     while table_usage(srv.name) != (active0, used0):
         assert time.monotonic() < deadline, table_usage(srv.name)
@@ -121,7 +123,6 @@ def test_10000_sessions_opened_and_closed_leave_nothing(rpc):
 
 
 def test_status_reports_workers_sessions_and_memory(rpc):
-    import json
     import subprocess
     import sys
 
@@ -129,11 +130,10 @@ def test_status_reports_workers_sessions_and_memory(rpc):
     a = session(port)
     try:
         a.request("Counter.incr")
-        os.kill(a.request("pid"), signal.SIGKILL)
-        time.sleep(1.0)
-        out = subprocess.run([sys.executable, "-m", "pyshm.cli", "status", srv.name, "--json"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout
-        st = json.loads(out)
+        victim = a.request("pid")
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(p := worker_pids(srv.name)) == 2 and victim not in p, "a replacement worker joined")
+        st = status_cli(srv.name)
         assert len(st["workers"]) == 2 and {w["suite"] for w in st["workers"]} == {"main"}
         assert st["restarts"] == {"main": 1}
         assert st["sessions"]["active"] == 1 and st["sessions"]["by_kind"] == {"distributed/bound": 1}

@@ -58,13 +58,32 @@ def stream():
 
 
 def counter(environ, start_response):
-    """Counts visits per session; /logout ends it."""
+    """Counts visits per session; /logout ends it; /peek only reads it."""
     session = environ["pyshm.session"]
     if environ["PATH_INFO"] == "/logout":
         session.invalidate()
         body = b"bye"
+    elif environ["PATH_INFO"] == "/peek":
+        body = b"%d %d" % (session.get("visits", 0), len(session))
     else:
         session["visits"] = session.get("visits", 0) + 1
         body = b"%d %d" % (session["visits"], os.getpid())
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def tagged(environ, start_response):
+    """/t/TAG?S sleeps S seconds and answers "<pid>:TAG"; /pid; /die: the
+    worker SIGKILLs itself in the middle of the request."""
+    path = environ["PATH_INFO"]
+    if path == "/die":
+        os.kill(os.getpid(), 9)
+    if path == "/pid":
+        body = str(os.getpid()).encode()
+    elif path.startswith("/t/"):
+        time.sleep(float(environ["QUERY_STRING"] or 0))
+        body = b"%d:%s" % (os.getpid(), path[3:].encode())
+    else:
+        body = b"tagged"
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
