@@ -108,7 +108,8 @@ def _need(table: dict, key: str, where: str, kind: type | tuple[type, ...]) -> A
 
 
 def _typed(value: Any, where: str, kind: type | tuple[type, ...]) -> Any:
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ConfigError(f"{where} must be a {names}, not {value!r}")
     return value

@@ -1,8 +1,8 @@
 """One dispatcher per suite: picks the worker a request goes to.
 
 Policies: least-loaded (default: the worker with the fewest requests in
-flight, ties broken in turn) and round-robin.  A request bound to a worker
-(a distributed session) goes to that worker."""
+flight, ties broken in turn) and round-robin.  (A request of a distributed
+session goes to its bound worker: the manager's _session_worker decides.)"""
 from __future__ import annotations
 
 import itertools
@@ -41,11 +41,8 @@ class Dispatcher:
     def available(self) -> list[WorkerRef]:
         return [w for w in self.workers.values() if not w.draining]
 
-    def pick(self, bound: int | None = None) -> WorkerRef | None:
+    def pick(self) -> WorkerRef | None:
         """The worker for the next request, or None when none can take it."""
-        if bound is not None:
-            w = self.workers.get(bound)
-            return w if w is not None and not w.draining else None
         ready = self.available()
         if not ready:
             return None

@@ -75,6 +75,11 @@ class ConnectionManager:
         # Requests waiting for a slot or a worker, oldest first, by suite.
         self.backlog: dict[str, collections.deque[Pending]] = {name: collections.deque() for name in config.suites}
         self._pumping = False
+        self._final = False      # shutting down past graceful_timeout: nothing more is placed
+        # Distributed sessions: calls placed and not answered, and calls
+        # waiting for those to finish at a draining worker before the session moves.
+        self._session_calls: dict[bytes, int] = {}
+        self._parked: dict[bytes, collections.deque[Pending]] = {}
         self.workers: dict[int, WorkerRef] = {}        # by worker index
         self.connections: set[Connection] = set()
         self.servers: list[asyncio.base_events.Server] = []
@@ -191,12 +196,18 @@ class ConnectionManager:
         deadline = time.monotonic() + self.config.graceful_timeout
         while self._unanswered() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        # Past the deadline nothing more is placed; every request still
+        # unanswered is answered now.  Slots a worker may still be running
+        # in are not freed (the segments go away with the manager).
+        self._final = True
         for conn in list(self.connections):
             conn.answer_held(b"server shutting down", SHUTTING_DOWN)
-        for p in list(self.pending.values()) + [p for q in self.backlog.values() for p in q]:
-            self._answer(p, b"server shutting down", SHUTTING_DOWN)
+        waiting = [p for q in self.backlog.values() for p in q] + [p for q in self._parked.values() for p in q]
         for q in self.backlog.values():
             q.clear()
+        self._parked.clear()
+        for p in waiting + list(self.pending.values()):
+            self._answer(p, b"server shutting down", SHUTTING_DOWN, keep_slot=p.worker is not None)
         await self.supervisor.stop_all()
         while self.connections and time.monotonic() < deadline + 2:
             await asyncio.sleep(0.02)
@@ -206,8 +217,9 @@ class ConnectionManager:
                 or any(conn.held() for conn in self.connections))
 
     def waiting(self) -> int:
-        """Requests waiting here for a slot or a worker."""
-        return sum(len(q) for q in self.backlog.values())
+        """Requests waiting here for a slot or a worker (or for their
+        session to move)."""
+        return sum(len(q) for q in self.backlog.values()) + sum(len(q) for q in self._parked.values())
 
     # -- the request path ------------------------------------------------------------
 
@@ -224,10 +236,11 @@ class ConnectionManager:
     def _place(self, p: Pending) -> bool:
         """Gives p a slot and a worker; False when it must wait for either."""
         rm = self.rm
-        if p.request.session is not None and self.config.suites[p.suite].distributed:
+        distributed = p.request.session is not None and self.config.suites[p.suite].distributed
+        if distributed:
             worker = self._session_worker(p)
             if worker is False:
-                return True       # answered: the session is gone
+                return True       # answered (the session is gone) or parked
         else:
             worker = self.dispatchers[p.suite].pick()
         if worker is None or (p.slot < 0 and not self.free_slots):
@@ -243,7 +256,25 @@ class ConnectionManager:
             self._wake_later(worker.index)
         p.worker = worker
         worker.inflight += 1
+        if distributed:
+            sid = p.request.session
+            self._session_calls[sid] = self._session_calls.get(sid, 0) + 1
         return True
+
+    def _unplace(self, p: Pending) -> None:
+        """p left its worker (answered, or requeued after the worker died)."""
+        w, p.worker = p.worker, None
+        w.inflight -= 1
+        sid = p.request.session
+        if sid is not None and sid in self._session_calls:
+            n = self._session_calls[sid] - 1
+            if n:
+                self._session_calls[sid] = n
+                return
+            del self._session_calls[sid]
+            parked = self._parked.pop(sid, None)
+            if parked:      # the session may move now: its calls go first
+                self.backlog[p.suite].extendleft(reversed(parked))
 
     # -- distributed sessions ------------------------------------------------------------
 
@@ -257,18 +288,27 @@ class ConnectionManager:
         self.sessions.end(sid, self.heap)
 
     def _session_worker(self, p: Pending) -> WorkerRef | None | bool:
-        """The session's bound worker; a new one when it died (the session
-        moves, its endpoints restore from the last checkpoint).  False when
-        the session ended (p is answered)."""
+        """The session's bound worker; a new one when it died or is being
+        replaced (the session moves, its endpoints restore from the last
+        checkpoint).  False when p is taken care of: answered (the session
+        ended) or parked until the session's calls at its draining worker
+        are answered."""
         sid = p.request.session
         brief = self.sessions.brief(sid)
         if brief is None:
             self._answer(p, b"the session ended", SESSION_ENDED)
             return False
         w = self.workers.get(brief[0])
-        if w is not None and w.gen == brief[1] and not w.draining:
-            self.sessions.touch(sid)
-            return w
+        if w is not None and w.gen == brief[1]:
+            if not w.draining:
+                self.sessions.touch(sid)
+                return w
+            if self._session_calls.get(sid):
+                # Its worker is being replaced but still runs earlier calls
+                # of this session: this one waits, so that the session moves
+                # between calls, not during them.
+                self._parked.setdefault(sid, collections.deque()).append(p)
+                return False
         w = self.dispatchers[p.suite].pick()
         if w is not None:
             self.sessions.bind(sid, w.index, w.gen)
@@ -297,19 +337,26 @@ class ConnectionManager:
             self.rm.request_area(p.slot)[:n] = payload
 
     def pump(self) -> None:
-        """Places waiting requests, oldest first in each suite, while slots
-        and workers allow.  It stops at the first request of a suite that
-        must still wait, so its cost is what it places, not what waits."""
-        if self._pumping:
+        """Places waiting requests, the oldest first across suites, while
+        slots and workers allow.  A suite whose first request must still
+        wait is passed over, so the cost is what is placed, not what waits."""
+        if self._pumping or self._final:
             return          # an answer given while placing: the loop below goes on
         self._pumping = True
         try:
-            for queue in self.backlog.values():
-                while queue and (self.free_slots or queue[0].slot >= 0):
-                    p = queue.popleft()
-                    if not self._place(p):
-                        queue.appendleft(p)
-                        break
+            queues = [q for q in self.backlog.values() if q]
+            while queues:
+                queue = min(queues, key=lambda q: q[0].seq) if len(queues) > 1 else queues[0]
+                p = queue[0]
+                if p.slot < 0 and not self.free_slots:
+                    queues = [q for q in queues if q[0].slot >= 0]    # only requeued ones hold a slot
+                    continue
+                queue.popleft()
+                if not self._place(p):
+                    queue.appendleft(p)
+                    queues.remove(queue)
+                elif not queue:
+                    queues.remove(queue)
         finally:
             self._pumping = False
 
@@ -346,7 +393,10 @@ class ConnectionManager:
             else:
                 limit = self.config.suites[p.suite].timeout
                 if limit and now - p.started > limit:
-                    self._time_out(p, limit)
+                    if self.rm.slot_info(p.slot)[0] == DONE:
+                        self.complete(p.slot)   # finished just now, not yet drained
+                    else:
+                        self._time_out(p, limit)
 
     def _unavailable(self, p: Pending) -> None:
         limit = self.config.queue_timeout
@@ -378,8 +428,8 @@ class ConnectionManager:
         w = p.worker
         log.error("worker pid %d of suite %s ran %s for more than %g s: answering 'timed out' and replacing "
                   "the worker", w.pid, p.suite, p.request.describe(), limit)
+        self.supervisor.kill(w, f"request timeout ({limit:g} s)")     # first: it takes nothing new
         self._answer(p, f"timed out after {limit:g} s".encode(), TIMED_OUT, keep_slot=True)
-        self.supervisor.kill(w, f"request timeout ({limit:g} s)")
 
     def on_wake(self) -> None:
         """The eventfd fired: drain every completion ring, re-arm, drain again
@@ -388,15 +438,30 @@ class ConnectionManager:
             os.eventfd_read(self.wake_fd)
         except BlockingIOError:
             pass
-        self.drain_all()
-        self.rm.arm()
+        try:
+            self.drain_all()
+        finally:
+            self.rm.arm()       # whatever failed, workers must go on waking the manager
         self.drain_all()
         self.pump()
 
     def drain_all(self) -> None:
         for w in list(self.workers.values()):
-            for slot in self.rm.drain(w.index):
-                self.complete(slot)
+            for slot in self._drain(w):
+                try:
+                    self.complete(slot)
+                except Exception:
+                    log.exception("completing slot %d of worker pid %d failed", slot, w.pid)
+
+    def _drain(self, w: WorkerRef) -> list[int]:
+        """The slots worker w completed; none (and w killed) when its ring is
+        corrupt: a worker that scribbles on shared memory is not trusted."""
+        try:
+            return self.rm.drain(w.index)
+        except PyshmError as e:
+            log.error("worker pid %d of suite %s left its completion ring inconsistent (%s)", w.pid, w.suite, e)
+            self.supervisor.kill(w, "inconsistent completion ring")
+            return []
 
     def complete(self, slot: int) -> None:
         """Slot `slot` is DONE: send its response and free it."""
@@ -435,9 +500,11 @@ class ConnectionManager:
         if p.answered:
             return
         p.answered = True
-        if p.worker is not None:
-            p.worker.inflight -= 1
-            self.supervisor.worker_idle(p.worker)
+        w = p.worker
+        if w is not None:
+            self._unplace(p)
+            p.worker = w        # (worker_left finds a kept slot by its worker)
+            self.supervisor.worker_idle(w)
         if not keep_slot:
             self._free(p)
         try:
@@ -495,11 +562,12 @@ class ConnectionManager:
         slots of requests answered already (timed out) are freed."""
         if self.rm is None:
             return      # the manager is closing down
-        for slot in self.rm.drain(w.index):
-            self.complete(slot)
-        self.rm.unbind_worker(w.index)
+        w.draining = True       # nothing answered below is placed on it
         self.workers.pop(w.index, None)
         self.dispatchers[w.suite].remove(w.index)
+        for slot in self._drain(w):
+            self.complete(slot)
+        self.rm.unbind_worker(w.index)
         requeue = []
         for p in [p for p in self.pending.values() if p.worker is w]:
             state, _, _ = self.rm.slot_info(p.slot)
@@ -508,8 +576,7 @@ class ConnectionManager:
             elif state == DONE:
                 self.complete(p.slot)
             elif state == QUEUED:
-                p.worker = None
-                w.inflight -= 1
+                self._unplace(p)
                 requeue.append(p)       # keeps its slot: submitted to another worker as it is
             else:
                 why = "running" if state == RUNNING else f"in state {state}"
@@ -526,14 +593,20 @@ class ConnectionManager:
         max_rss is replaced (gracefully, as for max_requests)."""
         while True:
             await asyncio.sleep(1.0)
-            for w in list(self.workers.values()):
-                limit = self.config.suites[w.suite].max_rss
-                if not limit or w.draining:
-                    continue
-                rss = resident_bytes(w.pid)
-                if rss > limit:
-                    self.supervisor.recycle(w, f"its resident memory {rss >> 20} MiB passed max_rss "
-                                               f"{limit >> 20} MiB")
+            try:
+                self._check_memory()
+            except Exception:
+                log.exception("checking the workers' memory failed")
+
+    def _check_memory(self) -> None:
+        for w in list(self.workers.values()):
+            limit = self.config.suites[w.suite].max_rss
+            if not limit or w.draining:
+                continue
+            rss = resident_bytes(w.pid)
+            if rss > limit:
+                self.supervisor.recycle(w, f"its resident memory {rss >> 20} MiB passed max_rss {limit >> 20} MiB")
+
 
 def _remove_if_orphaned(name: str) -> None:
     """A segment of this instance's name left by a manager that died (and

@@ -54,6 +54,7 @@ class Child:
     retiring: bool = False       # replaced (SIGHUP, recycling) or stopping: not restarted
     replacing: bool = False      # a replacement is starting
     killed: bool = False         # killed by the manager (request timeout): not a crash
+    replacement: bool = False    # started by SIGHUP to replace another: not restarted if it fails to join
 
 
 class _ControlConn:
@@ -101,15 +102,14 @@ class Supervisor:
         deadline = time.monotonic() + START_TIMEOUT
         exited: dict[int, float] = {}
         while len(self.manager.workers) < n:
-            for c in self.children.values():
-                if c.worker is None and c.proc.poll() is not None:
-                    why = self.start_errors.get(c.proc.pid)
-                    if why is not None:
-                        raise WorkerStartError(f"suite {c.suite}: {why}")
-                    # Its reason may still be on the way: give it a moment.
-                    if time.monotonic() - exited.setdefault(c.proc.pid, time.monotonic()) > 0.5:
-                        raise WorkerStartError(f"a worker of suite {c.suite!r} exited with status "
-                                               f"{c.proc.returncode} before joining; its error is above")
+            for c in self._unjoined_exited():
+                why = self.start_errors.get(c.proc.pid)
+                if why is not None:
+                    raise WorkerStartError(f"suite {c.suite}: {why}")
+                # Its reason may still be on the way: give it a moment.
+                if time.monotonic() - exited.setdefault(c.proc.pid, time.monotonic()) > 0.5:
+                    raise WorkerStartError(f"a worker of suite {c.suite!r} exited with status "
+                                           f"{c.proc.returncode} before joining; its error is above")
             if time.monotonic() > deadline:
                 raise WorkerStartError(f"only {len(self.manager.workers)} of {n} workers joined within "
                                        f"{START_TIMEOUT:g} s")
@@ -119,14 +119,14 @@ class Supervisor:
             except asyncio.TimeoutError:
                 pass
 
-    def spawn(self, suite: str) -> Child:
+    def spawn(self, suite: str, *, replacement: bool = False) -> Child:
         cfg = self.manager.config
         cmd = [sys.executable, "-m", "pyshm.worker", "--instance", cfg.name, "--suite", suite,
                "--app", cfg.suites[suite].app, "--interface", cfg.suites[suite].interface, "--supervised"]
         if log.isEnabledFor(logging.INFO):
             cmd.append("-v")
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        child = Child(proc, suite, time.monotonic())
+        child = Child(proc, suite, time.monotonic(), replacement=replacement)
         self.children[proc.pid] = child
         log.info("started worker pid %d for suite %s", proc.pid, suite)
         return child
@@ -229,6 +229,7 @@ class Supervisor:
         if child is not None:
             child.worker = w
             child.joined = time.monotonic()
+            child.replacement = False
         m.worker_joined(w)
         self._retire_recycled(suite)
         self._joined.set()
@@ -256,6 +257,7 @@ class Supervisor:
         connection but still runs after 2 s is broken and is killed."""
         if child.proc.poll() is None:
             if tries == 40:
+                child.killed = True
                 child.proc.kill()
             asyncio.get_running_loop().call_later(0.05, self._reap, child, tries + 1)
             return
@@ -270,42 +272,53 @@ class Supervisor:
         in a crash loop (see the module's docstring)."""
         suite = child.suite
         self.restarts[suite] = self.restarts.get(suite, 0) + 1
-        status = child.proc.returncode
-        if child.killed or status == -signal.SIGKILL:
-            delay = 0.0         # killed from outside or by us: says nothing about the application
-        else:
-            quick = not child.joined or time.monotonic() - child.joined < QUICK_DEATH
-            n = self._quick_deaths[suite] = self._quick_deaths.get(suite, 0) + 1 if quick else 0
-            delay = RESTART_BACKOFF[min(n, len(RESTART_BACKOFF) - 1)]
+        delay = RESTART_BACKOFF[min(self._count_death(child), len(RESTART_BACKOFF) - 1)]
         if delay:
             log.error("workers of suite %s keep dying; next start in %g s", suite, delay)
-            asyncio.get_running_loop().call_later(delay, self._spawn_unless_stopping, suite)
-        else:
-            self.spawn(suite)
+        asyncio.get_running_loop().call_later(delay, self._spawn_unless_stopping, suite)
+
+    def _count_death(self, child: Child) -> int:
+        """The suite's consecutive crash-like deaths, this one included."""
+        status = child.proc.returncode
+        if child.killed or status in (0, -signal.SIGTERM):
+            return self._quick_deaths.get(child.suite, 0)   # we killed it, or it was stopped: no crash
+        if child.joined and status == -signal.SIGKILL:
+            return self._quick_deaths.get(child.suite, 0)   # killed from outside while serving (an operator, OOM)
+        quick = not child.joined or time.monotonic() - child.joined < QUICK_DEATH
+        n = self._quick_deaths[child.suite] = self._quick_deaths.get(child.suite, 0) + 1 if quick else 0
+        return n
 
     def _spawn_unless_stopping(self, suite: str) -> None:
-        if not self.stopping:
+        if self.stopping:
+            return
+        try:
             self.spawn(suite)
+        except OSError as e:        # no memory or pids left for a fork: try again
+            log.error("cannot start a worker of suite %s (%s); trying again in 1 s", suite, e)
+            asyncio.get_running_loop().call_later(1.0, self._spawn_unless_stopping, suite)
 
     async def _watch_children(self) -> None:
         """Workers that die before joining never close a control connection."""
         while not self.stopping:
             await asyncio.sleep(0.2)
-            for pid, c in list(self.children.items()):
-                if c.worker is None and c.proc.poll() is not None:
-                    del self.children[pid]
-                    why = self.start_errors.pop(pid, None)
-                    if why is None:
-                        log.error("worker pid %d of suite %s exited (%s) before joining", pid, c.suite,
-                                  _status_text(c.proc.returncode))
-                    if not c.retiring and not self.stopping:
-                        self._restart(c)
+            for c in self._unjoined_exited():
+                del self.children[c.proc.pid]
+                why = self.start_errors.pop(c.proc.pid, None)
+                if why is None:
+                    log.error("worker pid %d of suite %s exited (%s) before joining", c.proc.pid, c.suite,
+                              _status_text(c.proc.returncode))
+                if not (c.retiring or c.replacement or self.stopping):   # (_replace reports its own)
+                    self._restart(c)
+
+    def _unjoined_exited(self) -> list[Child]:
+        """Children that exited without ever joining."""
+        return [c for c in self.children.values() if c.worker is None and c.proc.poll() is not None]
 
     # -- stop, replace ----------------------------------------------------------------------
 
     def tell_stop(self, w: WorkerRef) -> None:
         conn = self.conns.get(w.index)
-        if conn is not None:
+        if conn is not None and conn.worker is w:
             try:
                 conn.sock.send(control.encode({"stop": True}))
             except OSError:
@@ -340,14 +353,14 @@ class Supervisor:
         new requests (then stops once it answered the ones it holds) as soon
         as another worker of its suite serves: at once when there is one,
         else when the new one joined."""
-        if self.stopping or w.recycling or w.draining:
+        child = self.children.get(w.pid)
+        if self.stopping or w.recycling or w.draining or (child is not None and child.replacing):
             return
         log.info("replacing worker pid %d of suite %s: %s", w.pid, w.suite, why)
         w.recycling = True
-        child = self.children.get(w.pid)
         if child is not None:
             child.retiring = True       # not restarted: its replacement is starting
-            self.spawn(w.suite)
+            self._spawn_unless_stopping(w.suite)
         self._retire_recycled(w.suite)
 
     def _retire_recycled(self, suite: str) -> None:
@@ -386,11 +399,11 @@ class Supervisor:
         """Starts a worker of child's suite; once it joined, retires child
         and waits until it is gone.  If the new one does not join, child
         stays."""
-        if child.replacing or child.retiring:
-            return
+        if child.replacing or child.retiring or self.children.get(child.proc.pid) is not child:
+            return      # being replaced already, or gone meanwhile (and restarted as usual)
         child.replacing = True
         try:
-            new = self.spawn(child.suite)
+            new = self.spawn(child.suite, replacement=True)
             deadline = time.monotonic() + START_TIMEOUT
             while new.worker is None and new.proc.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
@@ -413,9 +426,8 @@ class Supervisor:
         deadline = time.monotonic() + STOP_TIMEOUT
         while self.children and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-            for pid, c in list(self.children.items()):
-                if c.worker is None and c.proc.poll() is not None:
-                    del self.children[pid]
+            for c in self._unjoined_exited():
+                del self.children[c.proc.pid]
         self.kill_all()
 
     def kill_all(self) -> None:

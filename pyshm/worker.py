@@ -25,8 +25,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pyshm import control, rpc, wsgi
-from pyshm._native import lib
+from pyshm import control, procmem, rpc, wsgi
 from pyshm.errors import PyshmError
 from pyshm.heap import SharedHeap
 from pyshm.http_sessions import SessionStore
@@ -92,7 +91,7 @@ class Worker:
         self.suite = suite
         self.app = app
         self.call = {"wsgi": self._call_wsgi, "rpc": self._call_rpc}.get(interface, self._call_handler)
-        start = _start_time(os.getpid())
+        start = procmem.start_time(os.getpid())
         self.ctl, reply, self.wake_fd = control.connect(instance, {"pid": os.getpid(), "start": start,
                                                                    "suite": suite})
         self.index, self.gen = int(reply["index"]), int(reply["gen"])
@@ -198,14 +197,6 @@ class Worker:
             area[pos:pos + len(p)] = p
             pos += len(p)
         self.rm.complete(self.index, self.gen, slot, n, blob=blob, data=data, flags=flags, wake_fd=self.wake_fd)
-
-
-def _start_time(pid: int) -> int:
-    from pyshm._native import ffi
-
-    out = ffi.new("uint64_t *")
-    lib.pyshm_proc_start_time(pid, out)
-    return int(out[0])
 
 
 def _cannot_start(args: argparse.Namespace, exc: Exception) -> int:

@@ -343,3 +343,66 @@ def test_a_response_too_large_for_the_heap_is_a_logged_500(serve):
     assert http_get(port, "/pid")[0] == 200
     st = idle_and_free(srv.name)
     assert st["heap"]["used_bytes"] == 0
+
+
+def _rpc_answers(sock: socket.socket, n: int) -> dict[int, list]:
+    unpacker, got = msgpack.Unpacker(raw=False), {}
+    while len(got) < n:
+        chunk = sock.recv(1 << 16)
+        assert chunk, f"closed after {len(got)} of {n} answers"
+        unpacker.feed(chunk)
+        for msg in unpacker:
+            got[msg[1]] = msg
+    return got
+
+
+def test_recycling_moves_rpc_sessions_between_calls_not_during_them(serve):
+    """Workers recycled every 30 calls: each connection's Counter endpoint
+    moves with its session (restored from its checkpoint) and counts on
+    without a lost or doubled step, sequential and pipelined alike."""
+    port = free_port()
+    body = one_suite("msgpack-rpc", port, "rpc_apps", workers=2).replace("workers = 2", "workers = 2\nmax_requests = 30")
+    srv = serve(body, port, verbose=True)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as seq, \
+            socket.create_connection(("127.0.0.1", port), timeout=30) as pipe:
+        # Each step takes a little while, so calls are still queued at a worker when it is retired.
+        pipe.sendall(b"".join(msgpack.packb([0, i, "Slow.incr", [0.002]]) for i in range(150)))
+        for i in range(150):
+            seq.sendall(msgpack.packb([0, i, "Counter.incr", [1]]))
+            assert _rpc_answers(seq, 1) == {i: [1, i, None, i + 1]}
+        got = _rpc_answers(pipe, 150)
+    assert sorted(m[3] for m in got.values()) == list(range(1, 151)), [m for m in got.values() if m[2]][:3]
+    assert srv.output().count("replacing worker pid") >= 2      # both sessions' first workers
+    idle_and_free(srv.name)
+
+
+def test_a_sighup_with_broken_code_keeps_the_old_workers_and_does_not_retry_forever(serve, tmp_path):
+    (tmp_path / "changing.py").write_text("def handle(request):\n    return b'v1'\n")
+    port = free_port()
+    srv = serve(one_suite("tcp", port, "changing:handle", workers=2), port)
+    before = worker_pids(srv.name)
+    (tmp_path / "changing.py").write_text("def handle(request):\n    return b'v2'\nraise RuntimeError('broken')\n")
+    srv.signal(signal.SIGHUP)
+    wait_for(lambda: srv.output().count("did not join; keeping pid") == 2, "both replacements gave up")
+    deadline = time.monotonic() + 2          # no replacement is retried behind the scenes
+    while time.monotonic() < deadline:
+        assert srv.output().count("could not start: cannot load the application") <= 2, srv.output()
+        time.sleep(0.2)
+    assert worker_pids(srv.name) == before and len(status(srv.name)["workers"]) == 2
+    assert FrameClient(port).call(b"x") == (False, b"v1")
+
+
+def test_shutdown_past_the_grace_answers_everything_and_reuses_no_running_slot(serve):
+    port = free_port()
+    srv = serve(one_suite("tcp", port, "worker_apps:handle", workers=1,
+                          instance="graceful_timeout = 1\nslots = 2"), port)
+    clients = [FrameClient(port, timeout=30) for _ in range(5)]
+    for i, cl in enumerate(clients):
+        cl.send(b"sleep:3:%d" % i)
+    wait_for(lambda: status(srv.name)["requests_waiting"] == 3, "two in slots, three waiting")
+    srv.signal(signal.SIGTERM)
+    for cl in clients:
+        assert cl.recv() == (True, b"server shutting down")
+    assert srv.proc.wait(timeout=20) == 0
+    out = srv.output()
+    assert "rebound" not in out and "another process" not in out, out
