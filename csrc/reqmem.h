@@ -18,7 +18,15 @@
  *   DONE     worker w wrote the response; pushed (or about to be) on done
  * so after worker w died, the manager finds each of its slots' fate:
  * QUEUED -> dispatch again (not started), RUNNING -> error response,
- * DONE -> deliver the response. */
+ * DONE -> deliver the response.
+ *
+ * Any process may also scribble on the segment (a worker maps it
+ * read-write).  The geometry is checked at attach and kept in the private
+ * handle; every other index, position or length read from the segment is
+ * checked before use, and garbage yields PYSHM_ERR_CORRUPT, never an access
+ * outside the segment or an unbounded loop.  A worker whose ring or slots
+ * fail a check is to be treated as dead: retire it (unbind) and resolve its
+ * slots by state, as above. */
 #ifndef PYSHM_REQMEM_H
 #define PYSHM_REQMEM_H
 #include <stdint.h>
@@ -48,6 +56,7 @@ typedef struct {
 typedef struct {
     uint64_t n_slots, n_workers, inline_size;
     uint64_t free, queued, running, done;     /* slots by state */
+    uint64_t corrupt;                         /* slots whose state is none of those */
 } pyshm_reqmem_stats_t;
 
 int pyshm_rm_create(const char *name, uint32_t n_slots, uint32_t n_workers, uint32_t inline_size,
@@ -71,8 +80,14 @@ int pyshm_rm_unbind_worker(pyshm_reqmem_t *rm, uint32_t w);
 int pyshm_rm_submit(pyshm_reqmem_t *rm, uint32_t w, uint32_t slot, uint64_t seq, uint64_t req_len,
                     uint64_t req_blob, uint64_t req_data, const uint8_t *session, const char *peer,
                     uint32_t peer_len);
+/* Up to cap slots DONE by worker w, from its completion ring; stale entries
+ * are skipped.  PYSHM_ERR_CORRUPT: the ring held garbage; its entries are
+ * dropped (retire w: its DONE slots are found by pyshm_rm_slot_info). */
 int pyshm_rm_drain(pyshm_reqmem_t *rm, uint32_t w, uint32_t *out, uint32_t cap);
 void pyshm_rm_arm(pyshm_reqmem_t *rm);
+/* *out always stays inside the segment (inline lengths clamped).
+ * PYSHM_ERR_CORRUPT: the slot is in use but its state, worker or lengths
+ * are garbage (*state, *worker and *out are still filled). */
 int pyshm_rm_slot_info(pyshm_reqmem_t *rm, uint32_t slot, uint32_t *state, uint32_t *worker,
                        pyshm_slot_info_t *out);
 int pyshm_rm_cancel(pyshm_reqmem_t *rm, uint32_t slot);  /* 1: cancelled before it started */
@@ -80,7 +95,9 @@ int pyshm_rm_release(pyshm_reqmem_t *rm, uint32_t slot);
 int pyshm_rm_stats(pyshm_reqmem_t *rm, pyshm_reqmem_stats_t *out);
 
 /* Worker side.  take() waits up to timeout_ms (futex) when the ring is
- * empty; returns 1 with *out filled, 0 on timeout, or an error.
+ * empty; returns 1 with *out filled, 0 on timeout, or an error
+ * (PYSHM_ERR_STATE: w was rebound; PYSHM_ERR_CORRUPT: a ring entry or a
+ * request was garbage, and was not started).
  * complete() writes eventfd `wake_fd` only when the manager armed it. */
 int pyshm_rm_take(pyshm_reqmem_t *rm, uint32_t w, uint64_t gen, int timeout_ms, pyshm_slot_info_t *out);
 int pyshm_rm_complete(pyshm_reqmem_t *rm, uint32_t w, uint64_t gen, uint32_t slot, uint64_t resp_len,

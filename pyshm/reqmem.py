@@ -10,6 +10,11 @@ area live in a blob of the instance's closure heap.
 
 A RequestMemory object reuses one C struct for its results: use it from one
 thread.
+
+A worker maps the segment read-write, so it may hold garbage; the C side
+checks every index and length it reads there.  Garbage raises HeapCorrupt
+from drain and take (treat the worker concerned as dead), and shows as the
+state CORRUPT in slot_info and response (answer that request with an error).
 """
 from __future__ import annotations
 
@@ -18,14 +23,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyshm._native import ffi, lib
-from pyshm.errors import PyshmError
+from pyshm.errors import HeapCorrupt, PyshmError
 from pyshm.heap import _raise, open_handle
 
 log = logging.getLogger(__name__)
 
 FREE, QUEUED, RUNNING, DONE = (lib.PYSHM_SLOT_FREE, lib.PYSHM_SLOT_QUEUED, lib.PYSHM_SLOT_RUNNING,
                                lib.PYSHM_SLOT_DONE)
-STATE_NAMES = {FREE: "free", QUEUED: "queued", RUNNING: "running", DONE: "done"}
+CORRUPT = -1    # slot_info/response: the slot is in use but its state, worker or lengths are garbage
+STATE_NAMES = {FREE: "free", QUEUED: "queued", RUNNING: "running", DONE: "done", CORRUPT: "corrupt"}
 RESP_ERROR = lib.PYSHM_RESP_ERROR
 RESP_UNAVAILABLE = lib.PYSHM_RESP_UNAVAILABLE
 
@@ -99,10 +105,14 @@ class RequestMemory:
 
     def request_area(self, slot: int) -> memoryview:
         off = lib.pyshm_rm_req_off(self._ptr, slot)
+        if not off:           # 0: no such slot (the header is at 0)
+            raise IndexError(f"slot {slot} out of range (0..{self.n_slots - 1})")
         return self.buf[off:off + self.inline_size]
 
     def response_area(self, slot: int) -> memoryview:
         off = lib.pyshm_rm_resp_off(self._ptr, slot)
+        if not off:
+            raise IndexError(f"slot {slot} out of range (0..{self.n_slots - 1})")
         return self.buf[off:off + self.inline_size]
 
     # -- manager side -----------------------------------------------------------
@@ -119,6 +129,8 @@ class RequestMemory:
                session: bytes | None = None, peer: bytes = b"") -> bool:
         """Queues slot on worker w's ring; True when w sleeps and needs an
         interrupt() (the caller batches them)."""
+        if session and len(session) != 16:
+            raise ValueError(f"a session id is 16 bytes, not {len(session)}")
         rc = lib.pyshm_rm_submit(self._ptr, w, slot, seq, req_len, blob, data,
                                  session if session else ffi.NULL, peer, len(peer))
         if rc == -13:
@@ -128,6 +140,9 @@ class RequestMemory:
         return rc == 1
 
     def drain(self, w: int) -> list[int]:
+        """Slots worker w completed.  HeapCorrupt: its completion ring held
+        garbage and was emptied; retire w (its DONE slots are found by
+        slot_info)."""
         n = lib.pyshm_rm_drain(self._ptr, w, self._drained, self.n_slots)
         self._check(min(n, 0), "drain")
         return list(self._drained[0:n])
@@ -136,8 +151,13 @@ class RequestMemory:
         lib.pyshm_rm_arm(self._ptr)
 
     def slot_info(self, slot: int) -> tuple[int, int, SlotInfo]:
-        """(state, worker, info) of a slot."""
-        self._check(lib.pyshm_rm_slot_info(self._ptr, slot, self._state, self._state + 1, self._c), "slot")
+        """(state, worker, info) of a slot; (CORRUPT, -1, info) when the
+        slot is in use but its fields are garbage (info's inline lengths are
+        clamped to the slot, its values mean nothing)."""
+        rc = lib.pyshm_rm_slot_info(self._ptr, slot, self._state, self._state + 1, self._c)
+        if rc == -7 and slot < self.n_slots:
+            return CORRUPT, -1, _info(self._c)
+        self._check(rc, "slot")
         return int(self._state[0]), int(self._state[1]), _info(self._c)
 
     def cancel(self, slot: int) -> bool:
@@ -148,25 +168,36 @@ class RequestMemory:
 
     def response(self, slot: int) -> tuple[int, int, int, int, int]:
         """(state, flags, resp_len, resp_blob, resp_data): what the manager
-        needs of a completed slot, without building a SlotInfo."""
+        needs of a completed slot, without building a SlotInfo.  An inline
+        response (blob 0) is always inside buf.  State CORRUPT as slot_info."""
         c = self._c
-        self._check(lib.pyshm_rm_slot_info(self._ptr, slot, self._state, self._state + 1, c), "slot")
+        rc = lib.pyshm_rm_slot_info(self._ptr, slot, self._state, self._state + 1, c)
+        if rc:
+            if rc == -7 and slot < self.n_slots:
+                return CORRUPT, c.flags, c.resp_len, c.resp_blob, c.resp_data
+            self._check(rc, "slot")
         return self._state[0], c.flags, c.resp_len, c.resp_blob, c.resp_data
 
     def release(self, slot: int) -> None:
         self._check(lib.pyshm_rm_release(self._ptr, slot), "release")
 
     def states(self) -> dict[str, int]:
-        """How many slots are in each state."""
+        """How many slots are in each state ("corrupt" too, only when a
+        slot's state is garbage)."""
         s = ffi.new("pyshm_reqmem_stats_t *")
         self._check(lib.pyshm_rm_stats(self._ptr, s), "stats")
-        return {"free": s.free, "queued": s.queued, "running": s.running, "done": s.done}
+        out = {"free": s.free, "queued": s.queued, "running": s.running, "done": s.done}
+        if s.corrupt:
+            out["corrupt"] = s.corrupt
+        return out
 
     # -- worker side ----------------------------------------------------------------
 
     def take(self, w: int, gen: int, timeout_ms: int) -> SlotInfo | None:
         """The next request for worker w (now RUNNING), or None after
-        timeout_ms without one.  Raises StaleWorker when w was rebound."""
+        timeout_ms without one.  Raises StaleWorker when w was rebound,
+        HeapCorrupt when a ring entry or the request was garbage (it was
+        not started)."""
         rc = lib.pyshm_rm_take(self._ptr, w, gen, timeout_ms, self._c)
         if rc == 1:
             return _info(self._c)
@@ -188,4 +219,7 @@ class RequestMemory:
 
     def _check(self, rc: int, what: str) -> None:
         if rc < 0:
+            if rc == -7:
+                raise HeapCorrupt(f"request memory {self.name!r}: {what}: a value read from the segment "
+                                  f"failed its bounds check (a worker wrote garbage)")
             _raise(rc, f"request memory {self.name!r}: {what}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pyshm import control, procmem, rpc, wsgi
-from pyshm.errors import PyshmError
+from pyshm.errors import HeapCorrupt, PyshmError
 from pyshm.heap import SharedHeap
 from pyshm.http_sessions import SessionStore
 from pyshm.reqmem import RESP_ERROR, RESP_UNAVAILABLE, RequestMemory, SlotInfo, StaleWorker, segment_name
@@ -122,6 +122,8 @@ class Worker:
                     self.rpc.forget_ended()
         except StaleWorker:
             log.warning("worker %d: the manager gave this index to another process; exiting", self.index)
+        except HeapCorrupt as e:    # garbage in its ring or slot: it leaves, the manager resolves its slots
+            log.error("worker %d: %s; exiting", self.index, e)
 
     def poll_control(self) -> bool:
         """Reads manager messages; False when the manager is gone."""

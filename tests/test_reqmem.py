@@ -9,7 +9,8 @@ import pytest
 
 from pyshm.config import SuiteConfig
 from pyshm.dispatch import Dispatcher, WorkerRef
-from pyshm.reqmem import DONE, QUEUED, RUNNING, RequestMemory, StaleWorker
+from pyshm.errors import HeapCorrupt
+from pyshm.reqmem import CORRUPT, DONE, FREE, QUEUED, RUNNING, RequestMemory, StaleWorker
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def test_take_sleeps_until_a_submit_wakes_it(rm):
     assert got and got[0].slot == 5 and time.monotonic() - t0 < 5
 
 
-def test_dispatch_policies_and_bound_worker():
+def test_dispatch_policies_skip_draining_workers():
     ws = [WorkerRef(i, 1, 100 + i, 0, "s") for i in range(3)]
     ll = Dispatcher(SuiteConfig("s", "a:b", 3, "least-loaded"))
     rr = Dispatcher(SuiteConfig("s", "a:b", 3, "round-robin"))
@@ -78,6 +79,114 @@ def test_dispatch_policies_and_bound_worker():
     ws[0].inflight, ws[1].inflight, ws[2].inflight = 3, 0, 2
     assert ll.pick() is ws[1]
     assert {rr.pick().index for _ in range(3)} == {0, 1, 2}
-    assert ll.pick(bound=2) is ws[2]          # a bound request ignores the load
-    ws[2].draining = True
-    assert ll.pick(bound=2) is None and ll.pick() is ws[1]
+    ws[1].draining = True
+    assert ll.pick() is ws[2]                 # the least loaded of those not draining
+
+
+# -- a worker may scribble on the segment: what the other side sees -----------------
+# (tests/test_reqmem_fuzz.py throws random garbage; these pin the designed answers)
+
+@pytest.fixture
+def small(heap_name):
+    from tests.test_reqmem_fuzz import INLINE, SLOTS, WORKERS, Poke
+
+    r = RequestMemory.create(heap_name + ".rr", slots=SLOTS, workers=WORKERS, inline_size=INLINE)
+    yield r, Poke(r)
+    r.unlink()
+    r.close()
+
+
+def test_a_req_ring_overflowed_by_withdrawn_requests_still_delivers(small):
+    rm, _ = small
+    gen = rm.bind_worker(0, os.getpid(), 0)
+    for seq in range(21):          # the worker is stuck: each request is withdrawn on timeout
+        rm.submit(0, 1, seq, 0)
+        assert rm.cancel(1)
+    rm.submit(0, 2, 99, 0)         # 22 entries in a ring of 8: the oldest were overwritten
+    info = rm.take(0, gen, 0)
+    assert (info.slot, info.seq) == (2, 99) and rm.take(0, gen, 0) is None
+
+
+def test_drain_skips_entries_of_slots_answered_meanwhile(small):
+    rm, _ = small
+    gen = rm.bind_worker(0, os.getpid(), 0)
+    for slot in (3, 4):
+        rm.submit(0, slot, slot, 0)
+        rm.take(0, gen, 0)
+        rm.complete(0, gen, slot, 0)
+    rm.release(3)                  # answered without draining (shutdown): its entry is stale
+    assert rm.drain(0) == [4]
+
+
+def test_a_garbage_done_ring_is_reported_once_and_emptied(small):
+    rm, poke = small
+    gen = rm.bind_worker(0, os.getpid(), 0)
+    rm.submit(0, 3, 1, 0)
+    rm.take(0, gen, 0)
+    rm.complete(0, gen, 3, 0)
+    poke.set(("worker", 0, "done.tail"), 2**63)
+    with pytest.raises(HeapCorrupt, match="drain"):
+        rm.drain(0)
+    assert rm.drain(0) == []                   # emptied: the manager retires the worker...
+    assert rm.slot_info(3)[:2] == (DONE, 0)    # ...and finds its DONE slot by state
+    poke.set(("cell", 0, 1, 0), 1000)          # a slot id out of range
+    poke.set(("worker", 0, "done.tail"), 2**63 + 1)
+    with pytest.raises(HeapCorrupt):
+        rm.drain(0)
+
+
+def test_slot_info_tells_garbage_of_a_slot_in_use_only(small):
+    rm, poke = small
+    gen = rm.bind_worker(1, os.getpid(), 0)
+    poke.set(("slot", 0, "state"), 9)
+    assert rm.slot_info(0)[:2] == (CORRUPT, -1)
+    assert rm.states()["corrupt"] == 1
+    poke.set(("slot", 1, "req_len"), 2**40)    # FREE: leftovers are clamped, not judged
+    assert rm.slot_info(1)[2].req_len == rm.inline_size
+    rm.submit(1, 2, 1, 0)
+    rm.take(1, gen, 0)
+    rm.complete(1, gen, 2, 10)
+    poke.set(("slot", 2, "resp_len"), 2**40)   # DONE with an inline response larger than the slot
+    state, _, length, blob, data = rm.response(2)
+    assert (state, length, blob) == (CORRUPT, rm.inline_size, 0) and data + length <= rm.size
+    poke.set(("slot", 2, "resp_len"), 10)
+    assert rm.response(2)[:3] == (DONE, 0, 10)
+    poke.set(("slot", 2, "worker"), 7)         # no such worker index
+    assert rm.slot_info(2)[:2] == (CORRUPT, -1)
+    with pytest.raises(HeapCorrupt):           # a caller's slot out of range is not a state
+        rm.slot_info(rm.n_slots)
+
+
+def test_take_refuses_a_garbage_request_without_starting_it(small):
+    rm, poke = small
+    gen = rm.bind_worker(0, os.getpid(), 0)
+    rm.submit(0, 5, 1, 10)
+    poke.set(("slot", 5, "req_len"), 2**40)    # inline, larger than the slot
+    with pytest.raises(HeapCorrupt, match="take"):
+        rm.take(0, gen, 0)
+    assert rm.states()["queued"] == 1 and rm.cancel(5)   # not started: withdrawn by the queue timeout
+    rm.submit(0, 6, 2, 0)
+    poke.set(("cell", 0, 0, 1), 1000)         # a slot id out of range in the req ring
+    with pytest.raises(HeapCorrupt):
+        rm.take(0, gen, 0)
+    assert rm.slot_info(6)[0] == QUEUED
+
+
+def test_the_header_is_read_once(small, heap_name):
+    rm, poke = small
+    poke.set(("hdr", "n_slots"), 5)            # another geometry that still fits the segment
+    poke.set(("hdr", "ring_cap"), 2**31)
+    assert rm.states()["free"] == 8 and rm.slot_info(7)[0] == FREE   # our copy of the geometry
+    with pytest.raises(HeapCorrupt, match="layout"):
+        RequestMemory.attach(heap_name + ".rr")
+
+
+def test_caller_mistakes_are_refused(small):
+    rm, _ = small
+    with pytest.raises(IndexError):
+        rm.request_area(rm.n_slots)
+    with pytest.raises(IndexError):
+        rm.response_area(rm.n_slots)
+    rm.bind_worker(0, os.getpid(), 0)
+    with pytest.raises(ValueError, match="16 bytes"):
+        rm.submit(0, 0, 1, 0, session=b"short")
