@@ -62,6 +62,10 @@ class RequestHead:
     headers: list[tuple[bytes, bytes]]
     server: tuple[str, int]
 
+    def describe(self) -> str:
+        """How the log names the request: "GET /cart" (no query)."""
+        return f"{self.method} {split_target(self.target)[1][:200].decode('latin-1')}"
+
 
 def encode_request(head: RequestHead, body: bytes) -> bytes:
     packed = msgpack.packb([head.method, head.target, head.version, head.keep_alive, head.headers,
@@ -354,10 +358,10 @@ class HttpFrontEnd(FrontEnd):
         # RFC 9112 §6.1: Transfer-Encoding on HTTP/1.0 means faulty framing: close after it.
         keep_alive = self.parser.should_keep_alive() and not (version == "1.0" and self._transfer_encoding)
         method = self.parser.get_method().decode("ascii", "replace")
-        _, path, _ = split_target(self._url)
-        head = RequestHead(method, self._url, version, keep_alive, self._headers, self.server)
-        self._events.append(Request(encode_request(head, bytes(self._body)), route=path, meta=head,
-                                    label=f"{method} {path[:200].decode('latin-1')}"))
+        url = self._url
+        path = url.partition(b"?")[0] if url[:1] == b"/" else split_target(url)[1]   # origin form first
+        head = RequestHead(method, url, version, keep_alive, self._headers, self.server)
+        self._events.append(Request(encode_request(head, bytes(self._body)), route=path, meta=head))
         self._reset()
         if not keep_alive:
             self._dead = True      # nothing after a request that closes the connection is parsed

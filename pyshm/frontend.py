@@ -31,7 +31,8 @@ class Request:
     route: what routing rules match against (a path, a method name, the
     first bytes of a frame).  meta: anything the front-end wants back in
     response() (e.g. the HTTP version).  label: how the log names the
-    request ("GET /cart", "method add"); the route when empty."""
+    request ("method add"); when empty, meta.describe() if the meta has one
+    (HTTP: "GET /cart"), else the route."""
     payload: bytes
     route: bytes = b""
     session: bytes | None = None
@@ -39,7 +40,12 @@ class Request:
     label: str = ""
 
     def describe(self) -> str:
-        return self.label or repr(self.route[:64])
+        """The label; else the meta's describe() (computed only when a log
+        line needs it); else the route."""
+        if self.label:
+            return self.label
+        describe = getattr(self.meta, "describe", None)
+        return describe() if callable(describe) else repr(self.route[:64])
 
 
 @dataclass

@@ -216,6 +216,12 @@ class ConnectionManager:
         return (any(not p.answered for p in self.pending.values()) or self.waiting() > 0
                 or any(conn.held() for conn in self.connections))
 
+    def _waiting_here(self) -> bool:
+        for queue in self.backlog.values():
+            if queue:
+                return True
+        return False
+
     def waiting(self) -> int:
         """Requests waiting here for a slot or a worker (or for their
         session to move)."""
@@ -443,7 +449,8 @@ class ConnectionManager:
         finally:
             self.rm.arm()       # whatever failed, workers must go on waking the manager
         self.drain_all()
-        self.pump()
+        if self._waiting_here():
+            self.pump()
 
     def drain_all(self) -> None:
         for w in list(self.workers.values()):
@@ -511,7 +518,8 @@ class ConnectionManager:
             p.reply(body, error)
         except Exception:
             log.exception("sending a response failed")
-        self.pump()
+        if self._waiting_here():
+            self.pump()
 
     def _free(self, p: Pending) -> None:
         if p.slot >= 0:

@@ -111,7 +111,12 @@ class Connection(asyncio.Protocol):
                 break
             if isinstance(ev, Request):
                 self._outstanding += 1
-                self._held.append((next(self._seq), ev))
+                seq = next(self._seq)
+                if self._held or self._handing or self._write_blocked or self._in_flight >= MAX_IN_FLIGHT:
+                    self._held.append((seq, ev))
+                else:           # the common case: straight to the manager
+                    self._in_flight += 1
+                    self._submit(seq, ev)
             elif isinstance(ev, Send):
                 if self.transport is not None:
                     self.transport.write(ev.data)
@@ -120,7 +125,8 @@ class Connection(asyncio.Protocol):
                 self._error = ev
                 self._pause_reading()
                 self._maybe_close()
-        self._hand_over()
+        if self._held:
+            self._hand_over()
 
     def _hand_over(self) -> None:
         """Gives held requests to the manager while this connection may have
@@ -189,7 +195,8 @@ class Connection(asyncio.Protocol):
             while self._next_out in self._ready and not self._closing:
                 self._write(*self._ready.pop(self._next_out))
                 self._next_out += 1
-        self._hand_over()
+        if self._held or self._reading_paused:
+            self._hand_over()
         if not self._outstanding:
             self._idle_since = time.monotonic()
         self._maybe_close()

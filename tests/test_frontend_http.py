@@ -181,7 +181,7 @@ def test_versions_other_than_1_0_and_1_1_are_refused_with_505(request_line):
 def test_absolute_form_target_routes_by_its_path_and_names_the_host():
     fe = HttpFrontEnd()
     (req,) = fe.receive(b"GET http://example.com:8080/abs/p%20q?q=1 HTTP/1.1\r\nHost: other\r\nX-Test: y\r\n\r\n")
-    assert req.route == b"/abs/p%20q" and req.label == "GET /abs/p%20q"
+    assert req.route == b"/abs/p%20q" and req.describe() == "GET /abs/p%20q"
     head, body = decode_request(memoryview(req.payload))
     env = environ_for(head, body, "1.2.3.4:5")
     assert (env["PATH_INFO"], env["QUERY_STRING"], env["HTTP_HOST"]) == ("/abs/p q", "q=1", "example.com:8080")
@@ -196,7 +196,7 @@ def test_absolute_form_target_routes_by_its_path_and_names_the_host():
 
 def test_request_label_is_method_and_path_without_query():
     (req,) = HttpFrontEnd().receive(b"DELETE /cart/7?force=1 HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert req.label == "DELETE /cart/7" and req.describe() == "DELETE /cart/7"
+    assert req.describe() == "DELETE /cart/7"
 
 
 def test_timed_out_is_504_with_the_managers_message():

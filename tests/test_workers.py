@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import msgpack
-import pytest
 
 from pyshm import control
 from server_util import FrameClient, free_port, one_suite
