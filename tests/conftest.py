@@ -99,15 +99,20 @@ def no_leaked_segments():
 
 @pytest.fixture
 def serve(tmp_path):
-    """serve(toml_body, port) starts a real instance named test-<pid>-<n>;
-    every one is stopped by pid when the test ends."""
+    """serve(toml_body, port) starts a real instance named test-<pid>-<n>
+    (serve("", port, args=[...]): `pyshm ARGS...` without a configuration
+    file); every one is stopped by pid when the test ends."""
     from server_util import Server
 
     servers = []
 
-    def start(body: str, port: int, *, verbose: bool = False, name: str | None = None) -> Server:
-        name = name or f"{_prefix()}{next(_names)}"
-        srv = Server(tmp_path, name, f'[instance]\nname = "{name}"\n' + body, verbose=verbose)
+    def start(body: str, port: int, *, verbose: bool = False, name: str | None = None,
+              args: list[str] | None = None) -> Server:
+        if args is not None:
+            srv = Server(tmp_path, name or "", args=args, log=f"cli-{port}.log")
+        else:
+            name = name or f"{_prefix()}{next(_names)}"
+            srv = Server(tmp_path, name, f'[instance]\nname = "{name}"\n' + body, verbose=verbose)
         servers.append(srv)
         srv.wait_listening(port)
         return srv

@@ -39,16 +39,21 @@ def free_port() -> int:
 
 
 class Server:
-    """`pyshm serve -c pyshm.toml` run in `workdir`; stopped by pid."""
+    """`pyshm serve -c pyshm.toml` run in `workdir` (or `pyshm ARGS...`
+    when args are given); stopped by pid."""
 
-    def __init__(self, workdir: Path, name: str, toml: str, *, verbose: bool = False) -> None:
+    def __init__(self, workdir: Path, name: str, toml: str = "", *, verbose: bool = False,
+                 args: list[str] | None = None, log: str = "server.log") -> None:
         self.workdir = workdir
         self.name = name
-        (workdir / "pyshm.toml").write_text(toml)
-        args = [sys.executable, "-m", "pyshm.cli"] + (["-v"] if verbose else []) + ["serve", "-c", "pyshm.toml"]
-        self.log = open(workdir / "server.log", "wb")
+        if args is None:
+            (workdir / "pyshm.toml").write_text(toml)
+            args = (["-v"] if verbose else []) + ["serve", "-c", "pyshm.toml"]
+        self.path = workdir / log
+        self.log = open(self.path, "wb")
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
-        self.proc = subprocess.Popen(args, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "pyshm.cli", *args], cwd=workdir, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env)
 
     def wait_listening(self, port: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -64,7 +69,7 @@ class Server:
 
     def output(self) -> str:
         self.log.flush()
-        return (self.workdir / "server.log").read_text(errors="replace")
+        return self.path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)

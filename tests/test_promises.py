@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -239,52 +238,10 @@ def test_a_hand_started_worker_that_dies_is_answered_for_and_not_restarted(serve
 # -- pyshm serve without a configuration file ---------------------------------------------------------
 
 
-class CliServer:
-    """`pyshm [-v] serve ARGS` in a subprocess, output to a file."""
-
-    def __init__(self, workdir: Path, args: list[str], port: int) -> None:
-        self.path = workdir / f"cli-{port}.log"
-        self.log = open(self.path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyshm.cli", *args], cwd=workdir, env=ENV,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.proc.poll() is None, f"exited with {self.proc.returncode}: {self.output()}"
-            assert time.monotonic() < deadline, f"not listening on {port}: {self.output()}"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
-
-
 @pytest.fixture
-def cli_serve(tmp_path):
-    started: list[CliServer] = []
-
-    def start(*args: str, port: int) -> CliServer:
-        srv = CliServer(tmp_path, list(args), port)
-        started.append(srv)
-        return srv
-
-    yield start
-    for srv in started:
-        srv.stop()
+def cli_serve(serve):
+    """`pyshm ARGS...` (no configuration file), stopped by pid."""
+    return lambda *args, port: serve("", port, args=list(args))
 
 
 def test_serve_tcp_from_the_command_line(cli_serve):

@@ -71,6 +71,17 @@ def http_get(port: int, path: str, timeout: float = 30) -> tuple[int, bytes]:
     return int(head[9:12]), body
 
 
+def _rpc_answers(sock: socket.socket, n: int) -> dict[int, list]:
+    unpacker, got = msgpack.Unpacker(raw=False), {}
+    while len(got) < n:
+        chunk = sock.recv(1 << 16)
+        assert chunk, f"closed after {len(got)} of {n} answers"
+        unpacker.feed(chunk)
+        for msg in unpacker:
+            got[msg[1]] = msg
+    return got
+
+
 # -- startup ------------------------------------------------------------------------------
 
 def test_an_address_in_use_is_one_line_and_leaves_nothing(tmp_path):
@@ -156,14 +167,9 @@ def test_rpc_timeout_is_an_error_naming_it(serve):
                 port)
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(msgpack.packb([0, 1, "forever", []]) + msgpack.packb([0, 2, "add", [1, 2]]))
-        unpacker, got = msgpack.Unpacker(raw=False), []
-        while len(got) < 2:
-            chunk = s.recv(4096)
-            assert chunk, "closed before both answers"
-            unpacker.feed(chunk)
-            got += list(unpacker)
-    assert got[0][:2] == [1, 1] and "timed out after 1 s" in got[0][2]
-    assert got[1] == [1, 2, None, 3]     # the session moved to the replacement worker
+        got = _rpc_answers(s, 2)
+    assert got[1][:2] == [1, 1] and "timed out after 1 s" in got[1][2]
+    assert got[2] == [1, 2, None, 3]     # the session moved to the replacement worker
     wait_for(lambda: "ran method forever for more than 1 s" in srv.output() or "ran forever" in srv.output(),
              "the log names the method")
     idle_and_free(srv.name)
@@ -265,6 +271,7 @@ def test_a_worker_that_keeps_exiting_backs_off(serve, tmp_path):
 def test_a_pipelined_flood_does_not_starve_another_client(serve):
     port = free_port()
     srv = serve(one_suite("http", port, "worker_apps:wsgi", workers=2), port)
+    before = rss(srv.proc.pid)
     n = 10_000
     flood = socket.create_connection(("127.0.0.1", port), timeout=60)
     flood.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n" * n)
@@ -273,6 +280,7 @@ def test_a_pipelined_flood_does_not_starve_another_client(serve):
     assert code == 200
     served_then = status(srv.name)["requests_served"]
     assert served_then < n + 1, "the other client was answered before the flood was through"
+    during = rss(srv.proc.pid)
     got = b""
     while got.count(b"HTTP/1.1 200 OK") < n:
         chunk = flood.recv(1 << 20)
@@ -281,6 +289,8 @@ def test_a_pipelined_flood_does_not_starve_another_client(serve):
     assert got.count(b"HTTP/1.1 ") == n and b" 503 " not in got
     flood.close()
     idle_and_free(srv.name)
+    after = rss(srv.proc.pid)
+    assert during - before < 50 << 20 and after - before < 50 << 20, (before, during, after)
 
 
 def test_pipelined_rpc_calls_all_answered(serve):
@@ -289,13 +299,7 @@ def test_pipelined_rpc_calls_all_answered(serve):
     n = 5000
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
         s.sendall(b"".join(msgpack.packb([0, i, "add", [i, 1]]) for i in range(n)))
-        unpacker, got = msgpack.Unpacker(raw=False), {}
-        while len(got) < n:
-            chunk = s.recv(1 << 20)
-            assert chunk, f"closed after {len(got)} answers"
-            unpacker.feed(chunk)
-            for msg in unpacker:
-                got[msg[1]] = msg
+        got = _rpc_answers(s, n)
     assert all(got[i] == [1, i, None, i + 1] for i in range(n)), [m for m in got.values() if m[2]][:3]
     idle_and_free(srv.name)
 
@@ -342,17 +346,6 @@ def test_a_response_too_large_for_the_heap_is_a_logged_500(serve):
     assert http_get(port, "/pid")[0] == 200
     st = idle_and_free(srv.name)
     assert st["heap"]["used_bytes"] == 0
-
-
-def _rpc_answers(sock: socket.socket, n: int) -> dict[int, list]:
-    unpacker, got = msgpack.Unpacker(raw=False), {}
-    while len(got) < n:
-        chunk = sock.recv(1 << 16)
-        assert chunk, f"closed after {len(got)} of {n} answers"
-        unpacker.feed(chunk)
-        for msg in unpacker:
-            got[msg[1]] = msg
-    return got
 
 
 def test_recycling_moves_rpc_sessions_between_calls_not_during_them(serve):
