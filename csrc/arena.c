@@ -1,8 +1,12 @@
 /* The arena allocator: boundary-tagged blocks with segregated free lists.
- * All functions run with the heap lock held.
  *
- * Crash safety: the block chain (sizes and used bits) is the primary data;
- * free lists, `prev` sizes and used_bytes are derived and rebuilt by
+ * Owns: the block chain (block_t, primary) and the free lists (bins[],
+ *   free_links_t, prev sizes and used_bytes, all derived).
+ * Calls: fault.c (fault_point) only; it knows nothing of blobs except their
+ *   header size (arena_largest_free).
+ * Lock: every function runs with the heap lock held (heap.c, heap_lock).
+ *
+ * Crash safety: the free lists, `prev` sizes and used_bytes are rebuilt by
  * arena_rebuild().  Each change to the chain is ordered so that a walk from
  * arena_off sees a valid tiling after every single store. */
 #include "heap_layout.h"
@@ -15,6 +19,10 @@ static uint64_t round_up(uint64_t n, uint64_t a) { return (n + a - 1) & ~(a - 1)
 
 static int bin_of(uint64_t size) { return 63 - __builtin_clzll(size); }
 
+/* The block at off, or NULL unless off is aligned inside the arena and the
+ * block's size keeps it there.  Offsets read from the segment go through
+ * here (the arena lies inside the segment: layout_valid at attach), except
+ * the list links list_remove follows (see links()). */
 block_t *arena_block(pyshm_heap_t *h, uint64_t off) {
     heap_hdr_t *hdr = h->hdr;
     if (off < hdr->arena_off || off % PYSHM_ALIGN || off + sizeof(block_t) > hdr->arena_end)
@@ -25,8 +33,19 @@ block_t *arena_block(pyshm_heap_t *h, uint64_t off) {
     return b;
 }
 
+/* The links of the free block at off.  Unchecked: for offsets arena_block
+ * has checked, and for the neighbours list_remove/list_push reach through
+ * the lists this file keeps (derived data, rebuilt by every repair; a known
+ * gap in the bounds checks: a scribbled link is followed as it is). */
 static free_links_t *links(pyshm_heap_t *h, uint64_t off) {
     return (free_links_t *)(h->seg.rw + off + sizeof(block_t));
+}
+
+/* The free-list links of the block at off, or NULL when off is no block of
+ * the arena.  They lie inside the block (PYSHM_MIN_BLOCK covers them), so
+ * inside the arena; whether the block is free is the caller's question. */
+free_links_t *arena_links(pyshm_heap_t *h, uint64_t off) {
+    return arena_block(h, off) ? links(h, off) : NULL;
 }
 
 static void list_push(pyshm_heap_t *h, uint64_t off, uint64_t size) {
@@ -99,7 +118,7 @@ int arena_alloc(pyshm_heap_t *h, uint64_t payload, uint64_t *out) {
         block_t *r = (block_t *)(h->seg.rw + rest);
         r->size = size - need;
         r->prev = need;
-        heap_fault(h, PYSHM_FAULT_ALLOC_SPLIT);
+        fault_point(h, PYSHM_FAULT_ALLOC_SPLIT);
         b->size = need | BLOCK_USED;
         set_next_prev(h, rest, size - need);
         list_push(h, rest, size - need);
@@ -125,7 +144,7 @@ int arena_free(pyshm_heap_t *h, uint64_t off, int give_back) {
         list_remove(h, off + size, BLOCK_SIZE(n));
         size += BLOCK_SIZE(n);
         b->size = size | BLOCK_USED;
-        heap_fault(h, PYSHM_FAULT_FREE_MERGE);
+        fault_point(h, PYSHM_FAULT_FREE_MERGE);
     }
     /* A free predecessor swallows us; otherwise we become free. */
     block_t *p = b->prev ? arena_block(h, off - b->prev) : NULL;

@@ -1,5 +1,12 @@
 /* The closure directory: an open-addressing hash table (linear probing) of
- * name -> current version.  Called with the heap lock held. */
+ * name -> current version.
+ *
+ * Owns: dir_entry_t (the table at hdr->dir_off) and hdr->n_names.
+ * Calls: nothing of pyshm; it stores blob offsets without following them.
+ * Lock: every function runs with the heap lock held (heap.c, heap_lock).
+ *
+ * Invariant: dir_cap is a power of two (checked at attach), so masking an
+ * index keeps every entry inside the table. */
 #include "heap_layout.h"
 
 #include <string.h>

@@ -1,136 +1,28 @@
-/* Shared closure heap operations.  Every public function takes the robust
- * lock; if its previous owner died, heap_repair() rebuilds all derived state
- * before the operation goes on. */
+/* Shared closure heap operations: the public API of heap.h.
+ *
+ * Owns: the heap header (heap_hdr_t: layout, lock, next_version,
+ *   n_repairs), the per-process handle, and the put / publish / pin
+ *   protocol that moves a blob between the structures below.
+ * Calls: segment.c, robust_lock.c, proc.c, arena.c, blob.c, directory.c,
+ *   readers.c, heap_repair.c, heap_check.c (fault.c for fault_point);
+ *   nothing calls up into this file.
+ * Lock: every public function takes the robust lock (heap_lock); if its
+ *   previous owner died, heap_repair() rebuilds all derived state before
+ *   the operation goes on. */
 #include "heap_layout.h"
 #include "proc.h"
 #include "pyshm_errors.h"
 #include "robust_lock.h"
 
-#include <signal.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
-void heap_fault(pyshm_heap_t *h, int p) {
-    if (h->fault == p) kill(getpid(), SIGKILL);
-}
-
-void pyshm_heap_set_fault(pyshm_heap_t *h, int point) { h->fault = point; }
-void pyshm_heap_fault_now(pyshm_heap_t *h, int point) { heap_fault(h, point); }
-
-blob_t *heap_blob(pyshm_heap_t *h, uint64_t off) {
-    block_t *b = arena_block(h, off);
-    if (!b || !(b->size & BLOCK_USED) || BLOCK_SIZE(b) < sizeof(block_t) + sizeof(blob_t))
-        return NULL;
-    blob_t *blob = (blob_t *)(b + 1);
-    if (blob->magic != PYSHM_BLOB_MAGIC) return NULL;
-    if (blob->length > BLOCK_SIZE(b) - sizeof(block_t) - sizeof(blob_t)) return NULL;
-    return blob;
-}
-
-/* Frees a blob's block; give_back returns its pages to the OS. */
-int heap_blob_drop(pyshm_heap_t *h, uint64_t off, int give_back) {
-    blob_t *b = heap_blob(h, off);
-    if (!b) return PYSHM_ERR_CORRUPT;
-    b->magic = 0;
-    return arena_free(h, off, give_back);
-}
-
-/* ---- repair ------------------------------------------------------------ */
-
-static int blob_seen(pyshm_heap_t *h, uint64_t off) {
-    blob_t *b = heap_blob(h, off);
-    return b && b->mark == h->hdr->repair_epoch;
-}
-
-/* Pass 1: marks every blob that starts a used block; referenced blobs are
- * re-marked ACTIVE by the directory pass, so ACTIVE ones go OBSOLETE here. */
-static int repair_mark_blobs(pyshm_heap_t *h) {
-    for (uint64_t off = h->hdr->arena_off; off < h->hdr->arena_end;) {
-        block_t *b = arena_block(h, off);
-        if (!b) return PYSHM_ERR_CORRUPT;
-        blob_t *blob = heap_blob(h, off);
-        if (blob) {
-            blob->mark = h->hdr->repair_epoch;
-            blob->pins = 0;
-            if (blob->state == BLOB_ACTIVE) blob->state = BLOB_OBSOLETE;
-        }
-        off += BLOCK_SIZE(b);
-    }
-    return PYSHM_OK;
-}
-
-static void repair_directory(pyshm_heap_t *h) {
-    h->hdr->n_names = 0;
-    for (uint64_t i = 0; i < h->hdr->dir_cap; i++) {
-        dir_entry_t *e = dir_entry(h, i);
-        if (e->state != DIR_USED) continue;
-        if (!blob_seen(h, e->blob) || e->name_len > PYSHM_DIR_NAME_MAX) {
-            e->state = DIR_TOMB;
-            continue;
-        }
-        heap_blob(h, e->blob)->state = BLOB_ACTIVE;
-        h->hdr->n_names++;
-    }
-}
-
-static void repair_readers(pyshm_heap_t *h) {
-    for (uint64_t i = 0; i < h->hdr->n_readers; i++) {
-        reader_t *r = reader_slot(h, (int64_t)i);
-        if (!r->pid) continue;
-        int alive = pyshm_proc_alive(r->pid, r->start);
-        for (uint64_t k = 0; k < r->hiwater; k++) {
-            pin_t *p = &r->pins[k];
-            if (!p->count) continue;
-            if (alive && blob_seen(h, p->blob)) heap_blob(h, p->blob)->pins += p->count;
-            else p->count = 0;
-        }
-        if (!alive) { r->hiwater = 0; r->pid = 0; }
-    }
-}
-
-/* Pass 4: unmarks (frees) what nobody can reach: obsolete and unpinned,
- * building by a dead process, or a used block that never got its header. */
-static uint64_t repair_free_unreachable(pyshm_heap_t *h) {
-    uint64_t freed = 0;
-    for (uint64_t off = h->hdr->arena_off; off < h->hdr->arena_end;) {
-        block_t *b = arena_block(h, off);
-        uint64_t size = BLOCK_SIZE(b);
-        if (b->size & BLOCK_USED) {
-            blob_t *blob = heap_blob(h, off);
-            int drop = !blob
-                || (blob->state == BLOB_OBSOLETE && !blob->pins)
-                || (blob->state == BLOB_BUILDING
-                    && !pyshm_proc_alive(blob->creator_pid, blob->creator_start))
-                || (blob->state != BLOB_ACTIVE && blob->state != BLOB_OBSOLETE
-                    && blob->state != BLOB_BUILDING);
-            if (drop) {
-                if (blob) blob->magic = 0;
-                b->size = size; /* free: one store; rebuild merges */
-                arena_release_pages(h, off, size);
-                freed++;
-            }
-        }
-        off += size;
-    }
-    return freed;
-}
-
-/* Rebuilds all derived state from the block chain, the directory and the
- * reader table.  Called with the lock held. */
-static int heap_repair(pyshm_heap_t *h, uint64_t *freed) {
-    h->hdr->repair_epoch++;
-    int rc = repair_mark_blobs(h);
-    if (rc) return rc;
-    repair_directory(h);
-    repair_readers(h);
-    uint64_t n = repair_free_unreachable(h);
-    if (freed) *freed = n;
-    return arena_rebuild(h);
-}
-
+/* The heap lock: hdr->lock, robust and process-shared, guards every field
+ * of the segment (heap_layout.h).  Taken by every public function and
+ * released before it returns, except across the caller's encoding, which
+ * writes only a BUILDING blob of its own. */
 static int heap_lock(pyshm_heap_t *h) {
     int rc = pyshm_lock_acquire(&h->hdr->lock);
     if (rc < 0) return rc;
@@ -272,17 +164,8 @@ int pyshm_heap_alloc(pyshm_heap_t *h, uint64_t length, pyshm_pin_info_t *out) {
         rc = arena_alloc(h, sizeof(blob_t) + length, &off);
     }
     if (!rc) {
-        heap_fault(h, PYSHM_FAULT_ALLOC_USED);
-        blob_t *b = (blob_t *)(h->seg.rw + off + sizeof(block_t));
-        b->state = BLOB_BUILDING;
-        b->version = 0;
-        b->length = length;
-        b->pins = 0;
-        b->creator_pid = h->pid;
-        b->creator_start = h->start;
-        b->mark = 0;
-        b->magic = PYSHM_BLOB_MAGIC; /* last: now it is a blob */
-        fill_info(out, off, b);
+        fault_point(h, PYSHM_FAULT_ALLOC_USED);
+        fill_info(out, off, blob_init(h, off, length));
     }
     heap_unlock(h);
     return rc;
@@ -305,8 +188,8 @@ void pyshm_heap_prefault(pyshm_heap_t *h, uint64_t off, uint64_t len) {
 int pyshm_heap_abandon(pyshm_heap_t *h, uint64_t blob) {
     int rc = heap_lock(h);
     if (rc) return rc;
-    blob_t *b = heap_blob(h, blob);
-    rc = (b && b->state == BLOB_BUILDING) ? heap_blob_drop(h, blob, 0) : PYSHM_ERR_STATE;
+    blob_t *b = blob_at(h, blob);
+    rc = (b && b->state == BLOB_BUILDING) ? blob_drop(h, blob, 0) : PYSHM_ERR_STATE;
     heap_unlock(h);
     return rc;
 }
@@ -314,7 +197,7 @@ int pyshm_heap_abandon(pyshm_heap_t *h, uint64_t blob) {
 int pyshm_heap_adopt(pyshm_heap_t *h, uint64_t blob, int64_t pid, uint64_t start) {
     int rc = heap_lock(h);
     if (rc) return rc;
-    blob_t *b = heap_blob(h, blob);
+    blob_t *b = blob_at(h, blob);
     /* Only the blob that process is building: if it died and a repair freed
      * the block, it may since hold another process's blob. */
     if (b && b->state == BLOB_BUILDING && b->creator_pid == pid && b->creator_start == start) {
@@ -331,16 +214,16 @@ int pyshm_heap_adopt(pyshm_heap_t *h, uint64_t blob, int64_t pid, uint64_t start
  * give_back: its pages go back to the OS (delete) or stay warm for the
  * next version (replace). */
 static int retire(pyshm_heap_t *h, uint64_t off, int give_back) {
-    blob_t *old = heap_blob(h, off);
+    blob_t *old = blob_at(h, off);
     if (!old) return PYSHM_OK;
     old->state = BLOB_OBSOLETE;
-    heap_fault(h, PYSHM_FAULT_PUBLISH_OLD);
-    return old->pins ? PYSHM_OK : heap_blob_drop(h, off, give_back);
+    fault_point(h, PYSHM_FAULT_PUBLISH_OLD);
+    return old->pins ? PYSHM_OK : blob_drop(h, off, give_back);
 }
 
 static int publish_locked(pyshm_heap_t *h, const char *name, size_t len, uint64_t off,
                           uint64_t *version) {
-    blob_t *b = heap_blob(h, off);
+    blob_t *b = blob_at(h, off);
     if (!b || b->state != BLOB_BUILDING) return PYSHM_ERR_STATE;
     dir_entry_t *e = dir_slot_for_insert(h, name, len);
     if (!e) return PYSHM_ERR_DIRFULL;
@@ -350,14 +233,14 @@ static int publish_locked(pyshm_heap_t *h, const char *name, size_t len, uint64_
     if (e->state == DIR_USED) {
         uint64_t old = e->blob;
         e->blob = off; /* the publish point */
-        heap_fault(h, PYSHM_FAULT_PUBLISH_DIR);
+        fault_point(h, PYSHM_FAULT_PUBLISH_DIR);
         return retire(h, old, 0);
     }
     e->hash = dir_hash(name, len);
     e->name_len = (uint32_t)len;
     memcpy(e->name, name, len);
     e->blob = off;
-    heap_fault(h, PYSHM_FAULT_DIR_INSERT);
+    fault_point(h, PYSHM_FAULT_DIR_INSERT);
     e->state = DIR_USED; /* the publish point for a new name */
     h->hdr->n_names++;
     return PYSHM_OK;
@@ -380,7 +263,7 @@ int pyshm_heap_pin(pyshm_heap_t *h, const char *name, size_t len, pyshm_pin_info
     int rc = heap_lock(h);
     if (rc) return rc;
     dir_entry_t *e = dir_find(h, name, len);
-    blob_t *b = e ? heap_blob(h, e->blob) : NULL;
+    blob_t *b = e ? blob_at(h, e->blob) : NULL;
     if (!e) rc = PYSHM_ERR_NOTFOUND;
     else if (!b) rc = PYSHM_ERR_CORRUPT;
     else rc = readers_pin(h, e->blob);
@@ -416,7 +299,7 @@ int pyshm_heap_lookup(pyshm_heap_t *h, const char *name, size_t len, uint64_t *v
     int rc = heap_lock(h);
     if (rc) return rc;
     dir_entry_t *e = dir_find(h, name, len);
-    blob_t *b = e ? heap_blob(h, e->blob) : NULL;
+    blob_t *b = e ? blob_at(h, e->blob) : NULL;
     rc = !e ? PYSHM_ERR_NOTFOUND : !b ? PYSHM_ERR_CORRUPT : PYSHM_OK;
     if (!rc) *version = b->version;
     heap_unlock(h);
@@ -432,7 +315,7 @@ int pyshm_heap_name_at(pyshm_heap_t *h, uint64_t index, char *name, size_t cap,
     int rc = heap_lock(h);
     if (rc) return rc;
     dir_entry_t *e = dir_entry(h, index);
-    blob_t *b = e->state == DIR_USED ? heap_blob(h, e->blob) : NULL;
+    blob_t *b = e->state == DIR_USED ? blob_at(h, e->blob) : NULL;
     int found = b && e->name_len < cap;
     if (found) {
         memcpy(name, e->name, e->name_len);
@@ -444,22 +327,7 @@ int pyshm_heap_name_at(pyshm_heap_t *h, uint64_t index, char *name, size_t cap,
     return found;
 }
 
-/* ---- stats, reclaim, check ------------------------------------------------ */
-
-static void count_blobs(pyshm_heap_t *h, pyshm_heap_stats_t *s) {
-    for (uint64_t off = h->hdr->arena_off; off < h->hdr->arena_end;) {
-        block_t *b = arena_block(h, off);
-        if (!b) return;
-        blob_t *blob = heap_blob(h, off);
-        if (blob) {
-            s->n_active += blob->state == BLOB_ACTIVE;
-            s->n_obsolete += blob->state == BLOB_OBSOLETE;
-            s->n_building += blob->state == BLOB_BUILDING;
-            s->n_pinned += blob->pins > 0;
-        }
-        off += BLOCK_SIZE(b);
-    }
-}
+/* ---- stats, reclaim, trim, check ------------------------------------------ */
 
 int pyshm_heap_stats(pyshm_heap_t *h, pyshm_heap_stats_t *s) {
     int rc = heap_lock(h);
@@ -474,11 +342,8 @@ int pyshm_heap_stats(pyshm_heap_t *h, pyshm_heap_stats_t *s) {
     s->reader_capacity = hdr->n_readers;
     s->name_capacity = hdr->dir_cap;
     s->n_repairs = hdr->n_repairs;
-    for (uint64_t i = 0; i < hdr->n_readers; i++) {
-        reader_t *r = reader_slot(h, (int64_t)i);
-        s->n_readers += r->pid && pyshm_proc_alive(r->pid, r->start);
-    }
-    count_blobs(h, s);
+    s->n_readers = readers_count(h, 1);
+    blob_census(h, s);
     heap_unlock(h);
     return PYSHM_OK;
 }
@@ -487,86 +352,10 @@ int pyshm_heap_reclaim(pyshm_heap_t *h, pyshm_reclaim_t *out) {
     int rc = heap_lock(h);
     if (rc) return rc;
     memset(out, 0, sizeof *out);
-    for (uint64_t i = 0; i < h->hdr->n_readers; i++) {
-        reader_t *r = reader_slot(h, (int64_t)i);
-        out->readers += r->pid && !pyshm_proc_alive(r->pid, r->start);
-    }
+    out->readers = readers_count(h, 0);
     rc = heap_repair(h, &out->blobs);
     heap_unlock(h);
     return rc;
-}
-
-#define FAIL(...) do { snprintf(msg, cap, __VA_ARGS__); return PYSHM_ERR_CORRUPT; } while (0)
-
-/* Verifies the chain: tiling, prev sizes, no two free neighbours, used bytes. */
-static int check_chain(pyshm_heap_t *h, char *msg, size_t cap, uint64_t *n_free) {
-    uint64_t used = 0, prev = 0, prev_free = 0;
-    for (uint64_t off = h->hdr->arena_off; off < h->hdr->arena_end;) {
-        block_t *b = arena_block(h, off);
-        if (!b) FAIL("bad block at offset %llu", (unsigned long long)off);
-        uint64_t size = BLOCK_SIZE(b);
-        int is_free = !(b->size & BLOCK_USED);
-        if (b->prev != prev) FAIL("block %llu: prev %llu != %llu", (unsigned long long)off,
-                                  (unsigned long long)b->prev, (unsigned long long)prev);
-        if (is_free && prev_free) FAIL("adjacent free blocks at %llu", (unsigned long long)off);
-        if (!is_free && !heap_blob(h, off)) FAIL("used block %llu has no blob", (unsigned long long)off);
-        used += is_free ? 0 : size;
-        *n_free += is_free;
-        prev = size;
-        prev_free = is_free;
-        off += size;
-    }
-    if (used != h->hdr->used_bytes)
-        FAIL("used_bytes %llu != %llu counted", (unsigned long long)h->hdr->used_bytes,
-             (unsigned long long)used);
-    return PYSHM_OK;
-}
-
-static int check_lists(pyshm_heap_t *h, char *msg, size_t cap, uint64_t n_free) {
-    uint64_t listed = 0;
-    for (int bin = 0; bin < PYSHM_NBINS; bin++) {
-        uint64_t back = 0;
-        for (uint64_t off = h->hdr->bins[bin]; off; off = ((free_links_t *)(h->seg.rw + off + 16))->next) {
-            block_t *b = arena_block(h, off);
-            if (!b || (b->size & BLOCK_USED)) FAIL("free list %d holds a used block", bin);
-            free_links_t *l = (free_links_t *)(h->seg.rw + off + 16);
-            if (l->prev != back) FAIL("free list %d: broken back link", bin);
-            if (63 - __builtin_clzll(BLOCK_SIZE(b)) != bin) FAIL("block in wrong bin %d", bin);
-            if (++listed > n_free) FAIL("free list %d loops", bin);
-            back = off;
-        }
-    }
-    if (listed != n_free) FAIL("%llu free blocks, %llu listed", (unsigned long long)n_free,
-                               (unsigned long long)listed);
-    return PYSHM_OK;
-}
-
-/* Directory entries point at active blobs; every blob's pins match the
- * reader table; no obsolete blob is left unpinned. */
-static int check_refs(pyshm_heap_t *h, char *msg, size_t cap) {
-    uint64_t names = 0;
-    for (uint64_t i = 0; i < h->hdr->dir_cap; i++) {
-        dir_entry_t *e = dir_entry(h, i);
-        if (e->state != DIR_USED) continue;
-        blob_t *b = heap_blob(h, e->blob);
-        if (!b || b->state != BLOB_ACTIVE) FAIL("name %.*s: current version not active", (int)e->name_len, e->name);
-        names++;
-    }
-    if (names != h->hdr->n_names) FAIL("n_names %llu != %llu", (unsigned long long)h->hdr->n_names, (unsigned long long)names);
-    for (uint64_t off = h->hdr->arena_off; off < h->hdr->arena_end; off += BLOCK_SIZE(arena_block(h, off))) {
-        blob_t *b = heap_blob(h, off);
-        if (!b) continue;
-        uint64_t pins = 0;
-        for (uint64_t i = 0; i < h->hdr->n_readers; i++) {
-            reader_t *r = reader_slot(h, (int64_t)i);
-            for (uint64_t k = 0; r->pid && k < r->hiwater; k++)
-                pins += r->pins[k].count && r->pins[k].blob == off ? r->pins[k].count : 0;
-        }
-        if (pins != b->pins) FAIL("blob %llu: pins %llu != %llu in reader table", (unsigned long long)off,
-                                  (unsigned long long)b->pins, (unsigned long long)pins);
-        if (b->state == BLOB_OBSOLETE && !pins) FAIL("blob %llu obsolete and unpinned", (unsigned long long)off);
-    }
-    return PYSHM_OK;
 }
 
 int pyshm_heap_trim(pyshm_heap_t *h) {
@@ -580,11 +369,7 @@ int pyshm_heap_trim(pyshm_heap_t *h) {
 int pyshm_heap_check(pyshm_heap_t *h, char *msg, size_t cap) {
     int rc = heap_lock(h);
     if (rc) return rc;
-    uint64_t n_free = 0;
-    msg[0] = '\0';
-    rc = check_chain(h, msg, cap, &n_free);
-    if (!rc) rc = check_lists(h, msg, cap, n_free);
-    if (!rc) rc = check_refs(h, msg, cap);
+    rc = heap_check(h, msg, cap);
     heap_unlock(h);
     return rc;
 }

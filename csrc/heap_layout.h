@@ -114,12 +114,32 @@ struct pyshm_heap {
     int fault;               /* fault-injection point (tests), 0 = none */
 };
 
-/* Kills this process at fault point p when the tests asked for it. */
-void heap_fault(pyshm_heap_t *h, int p);
+/* ---- Internal units, bottom to top -------------------------------------
+ * Each unit owns one structure and calls only the units listed above it
+ * here (plus segment.h, robust_lock.h, proc.h below all of them):
+ *
+ *   fault.c        the handle's fault-injection point      -> (nothing)
+ *   arena.c        block chain and free lists             -> fault
+ *   blob.c         blob headers inside used blocks        -> arena
+ *   directory.c    the name directory                     -> (nothing)
+ *   readers.c      the reader table and its pins          -> proc, fault, blob
+ *   heap_repair.c  rebuilding derived state after a crash -> proc, arena, blob,
+ *                                                            directory, readers
+ *   heap_check.c   the consistency checker                -> arena, blob,
+ *                                                            directory, readers
+ *   heap.c         header, lock, public API (heap.h)      -> everything above
+ *
+ * Everything below heap.c runs with the heap lock held: heap.c's heap_lock()
+ * takes it (repairing first if its owner died) around every public call. */
 
-/* arena.c: every function is called with the lock held. */
+/* fault.c: kills this process at fault point p when the tests asked for it
+ * (pyshm_heap_set_fault).  A handle's fault point is private memory. */
+void fault_point(pyshm_heap_t *h, int p);
+
+/* arena.c: the block chain (primary) and its free lists (derived). */
 void arena_init(pyshm_heap_t *h);
 block_t *arena_block(pyshm_heap_t *h, uint64_t off);
+free_links_t *arena_links(pyshm_heap_t *h, uint64_t off);
 int arena_alloc(pyshm_heap_t *h, uint64_t payload, uint64_t *out);
 int arena_free(pyshm_heap_t *h, uint64_t off, int give_back);
 void arena_trim(pyshm_heap_t *h);
@@ -127,23 +147,34 @@ int arena_rebuild(pyshm_heap_t *h);
 uint64_t arena_largest_free(pyshm_heap_t *h);
 void arena_release_pages(pyshm_heap_t *h, uint64_t off, uint64_t size);
 
-/* directory.c */
+/* blob.c: the blob header at the start of a used block's payload. */
+blob_t *blob_at(pyshm_heap_t *h, uint64_t off);
+blob_t *blob_init(pyshm_heap_t *h, uint64_t off, uint64_t length);
+int blob_drop(pyshm_heap_t *h, uint64_t off, int give_back);
+void blob_census(pyshm_heap_t *h, pyshm_heap_stats_t *s);
+
+/* directory.c: the open-addressing table of names. */
 uint64_t dir_hash(const char *name, size_t len);
 dir_entry_t *dir_entry(pyshm_heap_t *h, uint64_t i);
 dir_entry_t *dir_find(pyshm_heap_t *h, const char *name, size_t len);
 dir_entry_t *dir_slot_for_insert(pyshm_heap_t *h, const char *name, size_t len);
 void dir_remove(pyshm_heap_t *h, dir_entry_t *e);
 
-/* readers.c */
+/* readers.c: one slot of pins per attached process. */
 reader_t *reader_slot(pyshm_heap_t *h, int64_t i);
 int readers_claim(pyshm_heap_t *h);
 int readers_pin(pyshm_heap_t *h, uint64_t blob_off);
 int readers_unpin(pyshm_heap_t *h, int64_t slot, uint64_t blob_off);
 void readers_release_slot(pyshm_heap_t *h, reader_t *r);
 int readers_reclaim_dead(pyshm_heap_t *h);
+uint64_t readers_count(pyshm_heap_t *h, int alive);
 
-/* heap.c */
-blob_t *heap_blob(pyshm_heap_t *h, uint64_t off);
-int heap_blob_drop(pyshm_heap_t *h, uint64_t off, int give_back);
+/* heap_repair.c: rebuilds all derived state; *freed (may be NULL) counts
+ * the blobs it freed. */
+int heap_repair(pyshm_heap_t *h, uint64_t *freed);
+
+/* heap_check.c: verifies every invariant; on failure writes a message of at
+ * most cap bytes to msg and returns PYSHM_ERR_CORRUPT. */
+int heap_check(pyshm_heap_t *h, char *msg, size_t cap);
 
 #endif
