@@ -1,6 +1,8 @@
 /* Error codes shared by every C module of pyshm.  Functions return 0 on
  * success or one of these negative codes; PYSHM_ERR_SYS means errno holds the
- * cause.  pyshm/_native_errors.py maps each to a Python exception. */
+ * cause.  pyshm/_native_build.py declares every #define here to cffi (Python
+ * reads them as lib.PYSHM_ERR_*); pyshm/native.py maps each code to a Python
+ * exception (its ERRORS table). */
 #ifndef PYSHM_ERRORS_H
 #define PYSHM_ERRORS_H
 

@@ -18,6 +18,15 @@ def header_cdef(name: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 
+def header_constants(name: str) -> str:
+    """Every `#define NAME value` of a header of csrc/ (include guards have
+    no value) as cffi declares a constant whose value the compiler supplies:
+    `#define NAME ...`.  The header stays the one source of the values."""
+    text = re.sub(r"/\*.*?\*/", "", (CSRC / name).read_text(), flags=re.S)
+    names = re.findall(r"^\s*#\s*define\s+([A-Za-z_]\w*)[ \t]+\S", text, flags=re.M)
+    return "".join(f"#define {n} ...\n" for n in names)
+
+
 # segment.h and proc.h hold inline code cffi cannot parse: what Python uses of them.
 EXTRA = """
 typedef struct {
@@ -32,13 +41,15 @@ int pyshm_proc_start_time(int64_t pid, uint64_t *out);
 int pyshm_proc_alive(int64_t pid, uint64_t start);
 """
 
-CDEF = header_cdef("heap.h") + header_cdef("reqmem.h") + header_cdef("sessions.h") + EXTRA
+CDEF = (header_constants("pyshm_errors.h") + header_cdef("heap.h") + header_cdef("reqmem.h")
+        + header_cdef("sessions.h") + EXTRA)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "pyshm._native",
-    '#include "heap.h"\n#include "reqmem.h"\n#include "sessions.h"\n#include "segment.h"\n#include "proc.h"\n',
+    '#include "pyshm_errors.h"\n#include "heap.h"\n#include "reqmem.h"\n#include "sessions.h"\n'
+    '#include "segment.h"\n#include "proc.h"\n',
     sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.c"))],
     include_dirs=[str(CSRC.relative_to(ROOT))],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],

@@ -97,18 +97,19 @@ def _demo_worker(args: argparse.Namespace) -> int:
 
 def _serve_config(args: argparse.Namespace):
     from pyshm import config as cfgmod
+    from pyshm.errors import ConfigError
 
     if args.config:
         if args.app or args.tcp or args.http:
-            raise cfgmod.ConfigError("give either -c FILE or an app with --tcp/--http, not both")
+            raise ConfigError("give either -c FILE or an app with --tcp/--http, not both")
         # The worker-management flags given override every suite's settings.
         return cfgmod.from_dict(_with_suite_flags(cfgmod.read(args.config), _suite_flags(args)))
     if not args.app or not (args.tcp or args.http):
-        raise cfgmod.ConfigError("pyshm serve needs -c pyshm.toml, or an app and a listener: "
-                                 "pyshm serve app:handle --tcp 127.0.0.1:7000, or myapp:app --http 127.0.0.1:8000")
+        raise ConfigError("pyshm serve needs -c pyshm.toml, or an app and a listener: "
+                          "pyshm serve app:handle --tcp 127.0.0.1:7000, or myapp:app --http 127.0.0.1:8000")
     if args.tcp and args.http:
-        raise cfgmod.ConfigError("one app is either a raw-frame handler (--tcp) or a WSGI app (--http); "
-                                 "use -c pyshm.toml for both")
+        raise ConfigError("one app is either a raw-frame handler (--tcp) or a WSGI app (--http); "
+                          "use -c pyshm.toml for both")
     listen = [{"frontend": "tcp", "address": a, "suite": "main"} for a in args.tcp or []]
     listen += [{"frontend": "http", "address": a, "suite": "main", "access_log": args.access_log}
                for a in args.http or []]

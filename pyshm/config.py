@@ -33,7 +33,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyshm.errors import PyshmError
+from pyshm.errors import ConfigError
 from pyshm.sizes import parse_size
 
 POLICIES = ("least-loaded", "round-robin")
@@ -41,10 +41,6 @@ SUITE_KEYS = ("app", "workers", "policy", "interface", "distributed", "timeout",
               "max_requests_jitter", "max_rss")
 INTERFACES = ("handler", "wsgi", "rpc")
 FRONTEND_INTERFACE = {"http": "wsgi", "msgpack-rpc": "rpc"}   # others: handler
-
-
-class ConfigError(PyshmError, ValueError):
-    """The configuration is invalid; the message names the key."""
 
 
 @dataclass

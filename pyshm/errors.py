@@ -64,6 +64,29 @@ class DirectoryFull(PyshmError):
     """The heap's directory has no room for another name."""
 
 
+class SessionTableFull(PyshmError):
+    """Every entry of the session table is taken."""
+
+
+class StaleWorker(PyshmError):
+    """This worker's index was given to another process (the manager thinks
+    it died): it must stop."""
+
+
+class SessionLost(PyshmError):
+    """The session's endpoint cannot go on (not restorable after its worker
+    died, or the session ended)."""
+
+
+class UnknownMethod(LookupError):
+    """An RPC call names no function or endpoint method the application
+    registered (the client hears it as an error)."""
+
+
+class ConfigError(PyshmError, ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
 class StartupError(PyshmError):
     """An instance could not start serving (exit status 2)."""
 

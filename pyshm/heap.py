@@ -19,10 +19,9 @@ from typing import Any, Iterator
 
 from pyshm import _codec
 from pyshm._native import ffi, lib
-from pyshm.errors import (
-    ClosureNotFound, DirectoryFull, HeapCorrupt, HeapFull, LayoutMismatch, PinLimit,
-    PyshmError, ReaderTableFull, SegmentError, SegmentExists, SegmentNotFound,
-)
+from pyshm.errors import ClosureNotFound, HeapCorrupt, HeapFull, PyshmError, SegmentExists, SegmentNotFound
+from pyshm.native import error, open_segment, segment_path
+from pyshm.native import unlink as unlink_segment
 from pyshm.sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -31,60 +30,14 @@ Snapshot = _codec.Snapshot
 
 # Fault-injection points of csrc/heap.h, for the crash tests.
 FAULTS = {
-    "alloc_split": 1, "alloc_used": 2, "encode": 3, "publish_dir": 4, "publish_old": 5,
-    "free_merge": 6, "pin": 7, "unpin": 8, "dir_insert": 9,
+    "alloc_split": lib.PYSHM_FAULT_ALLOC_SPLIT, "alloc_used": lib.PYSHM_FAULT_ALLOC_USED,
+    "encode": lib.PYSHM_FAULT_ENCODE, "publish_dir": lib.PYSHM_FAULT_PUBLISH_DIR,
+    "publish_old": lib.PYSHM_FAULT_PUBLISH_OLD, "free_merge": lib.PYSHM_FAULT_FREE_MERGE,
+    "pin": lib.PYSHM_FAULT_PIN, "unpin": lib.PYSHM_FAULT_UNPIN, "dir_insert": lib.PYSHM_FAULT_DIR_INSERT,
 }
 
 _PREFAULT_MIN = 1 << 20  # encodings this large fault their pages in with one call
 _UNPIN = int(ffi.cast("uintptr_t", ffi.addressof(lib, "pyshm_heap_unpin")))
-
-
-def _raise(rc: int, what: str) -> None:
-    """Turns a negative C return code into the matching exception."""
-    if rc == -1:
-        err = ffi.errno
-        raise SegmentError(err, f"{what}: {os.strerror(err)}")
-    table: dict[int, tuple[type[Exception], str]] = {
-        -2: (SegmentError, "not a pyshm segment"),
-        -3: (LayoutMismatch, "segment written by another pyshm layout version; "
-                             "stop its users and remove it with `pyshm clean --force`"),
-        -4: (SegmentError, "segment is not a closure heap"),
-        -5: (HeapFull, "heap full"),
-        -6: (ClosureNotFound, "no such closure"),
-        -7: (HeapCorrupt, "heap consistency check failed"),
-        -8: (ReaderTableFull, "reader table full: too many processes attached"),
-        -9: (PinLimit, "this process holds too many snapshots of distinct versions; release some"),
-        -10: (DirectoryFull, "directory full: create the heap with a larger names="),
-        -11: (ValueError, "name must be 1 to 104 bytes (heap names 1 to 200, without '/')"),
-        -12: (SegmentExists, "segment exists"),
-        -13: (ValueError, "segment too small for its tables"),
-        -14: (SegmentError, "segment still being initialised by its creator"),
-        -15: (HeapCorrupt, "heap lock not recoverable"),
-        -16: (PyshmError, "operation on a version in the wrong state"),
-    }
-    cls, msg = table.get(rc, (PyshmError, f"error {rc}"))
-    raise cls(f"{what}: {msg}")
-
-
-def open_handle(fn: Any, ctype: str, name: str, what: str, *args: Any, create: bool = False,
-                too_small: str = "") -> Any:
-    """Calls a C create or attach function of one of the instance's segments
-    (request memory, session table) and maps its errors to ones a user can
-    act on; returns the handle."""
-    out = ffi.new(ctype)
-    rc = fn(name.encode(), *args, out)
-    if rc == -12:
-        raise SegmentExists(f"{what} {name!r} exists: another instance of that name runs, "
-                            f"or a dead one left it (`pyshm clean`)")
-    if rc == -13:
-        raise ValueError(f"{what} {name!r}: {too_small}")
-    if rc == -6:
-        raise SegmentNotFound(f"no {what} {name!r}: is the instance running?")
-    if rc == -7:
-        raise HeapCorrupt(f"{what} {name!r}: header fails its layout checks")
-    if rc:
-        _raise(rc, f"{'create' if create else 'attach'} {what} {name!r}")
-    return out[0]
 
 
 @dataclass(frozen=True)
@@ -139,7 +92,7 @@ class _Native:
                 if self.pid != os.getpid():
                     rc = lib.pyshm_heap_rebind(self.ptr)
                     if rc:
-                        _raise(rc, "attach after fork")
+                        raise error(rc, "attach after fork")
                     self.pid = os.getpid()
         return self.ptr
 
@@ -166,30 +119,25 @@ class SharedHeap:
                readers: int = 256) -> SharedHeap:
         """Creates the segment /dev/shm/pyshm.<name> (mode 0600).  `size` is
         a ceiling, not a cost: pages take memory only once written."""
-        out = ffi.new("pyshm_heap_t **")
-        rc = lib.pyshm_heap_create(name.encode(), parse_size(size), names, readers, out)
-        if rc == -13:
-            raise ValueError(
-                f"create heap {name!r}: {format_size(parse_size(size))} is too small for tables of "
-                f"{names} names and {readers} readers (~{format_size(_table_bytes(names, readers))}); "
-                f"pass a larger size or smaller names=/readers=")
-        if rc:
-            _raise(rc, f"create heap {name!r}")
-        log.debug("created heap %s (%s)", name, format_size(parse_size(size)))
-        return cls(name, _Native(out[0]))
+        nbytes = parse_size(size)
+        too_small = ValueError(
+            f"create heap {name!r}: {format_size(nbytes)} is too small for tables of "
+            f"{names} names and {readers} readers (~{format_size(_table_bytes(names, readers))}); "
+            f"pass a larger size or smaller names=/readers=")
+        ptr = open_segment(lib.pyshm_heap_create, "pyshm_heap_t **", name, nbytes, names, readers,
+                           what="heap", create=True, errors={lib.PYSHM_ERR_TOOSMALL: too_small})
+        log.debug("created heap %s (%s)", name, format_size(nbytes))
+        return cls(name, _Native(ptr))
 
     @classmethod
     def attach(cls, name: str, *, observe: bool = False) -> SharedHeap:
         """Attaches an existing heap.  observe=True takes no reader slot
         (stats and checks only: map() then fails)."""
-        out = ffi.new("pyshm_heap_t **")
-        rc = lib.pyshm_heap_attach(name.encode(), lib.PYSHM_ATTACH_OBSERVE if observe else 0, out)
-        if rc == -6:
-            raise SegmentNotFound(f"attach heap {name!r}: no segment /dev/shm/pyshm.{name}; "
+        missing = SegmentNotFound(f"attach heap {name!r}: no segment {segment_path(name)}; "
                                   f"create the heap first")
-        if rc:
-            _raise(rc, f"attach heap {name!r}")
-        return cls(name, _Native(out[0]))
+        ptr = open_segment(lib.pyshm_heap_attach, "pyshm_heap_t **", name, lib.PYSHM_ATTACH_OBSERVE if observe else 0,
+                           what="heap", errors={lib.PYSHM_ERR_NOTFOUND: missing})
+        return cls(name, _Native(ptr))
 
     @classmethod
     def open(cls, name: str, size: int | str = "256MiB", **kwargs: int) -> SharedHeap:
@@ -206,7 +154,7 @@ class SharedHeap:
 
     def unlink(self) -> None:
         """Removes the segment's name; processes attached keep using it."""
-        unlink(self.name)
+        unlink_segment(self.name)
 
     def __enter__(self) -> SharedHeap:
         return self
@@ -230,7 +178,7 @@ class SharedHeap:
         h = self._h()
         info = ffi.new("pyshm_pin_info_t *")
         rc = lib.pyshm_heap_alloc(h, enc.nbytes, info)
-        if rc == -5:
+        if rc == lib.PYSHM_ERR_FULL:
             st = self.stats()
             raise HeapFull(
                 f"put {name!r}: the closure needs {format_size(enc.nbytes)} but the largest free "
@@ -238,7 +186,7 @@ class SharedHeap:
                 f"({format_size(st.free_bytes)} free of {format_size(st.arena_bytes)}); "
                 f"delete closures, release old snapshots or create a larger heap")
         if rc:
-            _raise(rc, f"put {name!r}")
+            raise error(rc, f"put {name!r}")
         try:
             if enc.nbytes >= _PREFAULT_MIN:
                 lib.pyshm_heap_prefault(h, info.data, info.length)
@@ -250,7 +198,7 @@ class SharedHeap:
             version = ffi.new("uint64_t *")
             rc = lib.pyshm_heap_publish(h, key, len(key), info.blob, version)
             if rc:
-                _raise(rc, f"put {name!r}")
+                raise error(rc, f"put {name!r}")
         except BaseException:
             lib.pyshm_heap_abandon(h, info.blob)
             raise
@@ -264,9 +212,9 @@ class SharedHeap:
         info = ffi.new("pyshm_pin_info_t *")
         rc = lib.pyshm_heap_pin(h, key, len(key), info)
         if rc:
-            if rc == -6:
+            if rc == lib.PYSHM_ERR_NOTFOUND:
                 raise ClosureNotFound(f"heap {self.name!r} has no closure named {name!r}")
-            _raise(rc, f"map {name!r}")
+            raise error(rc, f"map {name!r}")
         native = self._native
         return Snapshot(native, name, info.version, native.ro + info.data, info.length,
                         _UNPIN, native.addr, lib.pyshm_heap_slot(h), info.blob)
@@ -283,10 +231,10 @@ class SharedHeap:
         """Removes `name`; its memory is freed once no snapshot pins it."""
         key = name.encode()
         rc = lib.pyshm_heap_delete(self._h(), key, len(key))
-        if rc == -6:
+        if rc == lib.PYSHM_ERR_NOTFOUND:
             raise ClosureNotFound(f"heap {self.name!r} has no closure named {name!r}")
         if rc:
-            _raise(rc, f"delete {name!r}")
+            raise error(rc, f"delete {name!r}")
 
     def __contains__(self, name: str) -> bool:
         return self.version(name) is not None
@@ -296,10 +244,10 @@ class SharedHeap:
         key = name.encode()
         version = ffi.new("uint64_t *")
         rc = lib.pyshm_heap_lookup(self._h(), key, len(key), version)
-        if rc == -6:
+        if rc == lib.PYSHM_ERR_NOTFOUND:
             return None
         if rc:
-            _raise(rc, f"look up {name!r}")
+            raise error(rc, f"look up {name!r}")
         return int(version[0])
 
     def names(self) -> list[str]:
@@ -314,7 +262,7 @@ class SharedHeap:
         for i in range(lib.pyshm_heap_name_capacity(h)):
             rc = lib.pyshm_heap_name_at(h, i, buf, 128, version, length)
             if rc < 0:
-                _raise(rc, "list names")
+                raise error(rc, "list names")
             if rc:
                 yield ffi.string(buf).decode(), int(version[0]), int(length[0])
 
@@ -326,10 +274,10 @@ class SharedHeap:
         h = self._h()
         info = ffi.new("pyshm_pin_info_t *")
         rc = lib.pyshm_heap_alloc(h, nbytes, info)
-        if rc == -5:
+        if rc == lib.PYSHM_ERR_FULL:
             raise HeapFull(f"heap {self.name!r} has no free block of {format_size(nbytes)} for a payload")
         if rc:
-            _raise(rc, "alloc buffer")
+            raise error(rc, "alloc buffer")
         return int(info.blob), int(info.data), ffi.buffer(ffi.cast("char *", self._native.rw + info.data), nbytes)
 
     def buffer_at(self, data: int, nbytes: int) -> memoryview:
@@ -349,7 +297,7 @@ class SharedHeap:
     def free_buffer(self, blob: int) -> None:
         rc = lib.pyshm_heap_abandon(self._h(), blob)
         if rc:
-            _raise(rc, "free buffer")
+            raise error(rc, "free buffer")
 
     def _size(self) -> int:
         if self._seg_size is None:
@@ -362,7 +310,7 @@ class SharedHeap:
         s = ffi.new("pyshm_heap_stats_t *")
         rc = lib.pyshm_heap_stats(self._h(), s)
         if rc:
-            _raise(rc, "stats")
+            raise error(rc, "stats")
         return HeapStats(
             size=s.size, arena_bytes=s.arena_bytes, used_bytes=s.used_bytes,
             free_bytes=s.arena_bytes - s.used_bytes, largest_free=s.largest_free,
@@ -377,7 +325,7 @@ class SharedHeap:
         r = ffi.new("pyshm_reclaim_t *")
         rc = lib.pyshm_heap_reclaim(self._h(), r)
         if rc:
-            _raise(rc, "reclaim")
+            raise error(rc, "reclaim")
         if r.readers or r.blobs:
             log.info("heap %s: reclaimed %d dead readers, %d versions", self.name, r.readers, r.blobs)
         return ReclaimReport(dead_readers=r.readers, freed_versions=r.blobs)
@@ -388,7 +336,7 @@ class SharedHeap:
         reclaim() give theirs back.)"""
         rc = lib.pyshm_heap_trim(self._h())
         if rc:
-            _raise(rc, "trim")
+            raise error(rc, "trim")
 
     def check(self) -> None:
         """Verifies every invariant of the segment; raises HeapCorrupt."""
@@ -405,11 +353,3 @@ class SharedHeap:
     def __repr__(self) -> str:
         return f"<SharedHeap {self.name!r}{' closed' if self._native is None else ''}>"
 
-
-def unlink(name: str) -> None:
-    """Removes the segment of heap `name`."""
-    rc = lib.pyshm_segment_unlink(name.encode())
-    if rc == -6:
-        raise SegmentNotFound(f"no segment named {name!r}")
-    if rc:
-        _raise(rc, f"unlink {name!r}")

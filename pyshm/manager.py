@@ -19,20 +19,20 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from pyshm.config import Config, ConfigError
+from pyshm.config import Config
 from pyshm.dispatch import Dispatcher, WorkerRef
 from pyshm import segments
-from pyshm.errors import HeapFull, ListenError, PyshmError, SegmentExists
+from pyshm.errors import ConfigError, HeapFull, ListenError, PyshmError, SegmentExists
 from pyshm.frontend import (
     APP_ERROR, INTERNAL, SESSION_ENDED, SHUTTING_DOWN, TIMED_OUT, TOO_LARGE, UNAVAILABLE, WORKER_DIED, Registry,
     Request,
 )
 from pyshm.heap import SharedHeap
-from pyshm.heap import unlink as unlink_segment
 from pyshm.procmem import resident_bytes
-from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RESP_UNAVAILABLE, RUNNING, RequestMemory, segment_name
+from pyshm.native import heap_segment, request_segment, session_segment
+from pyshm.native import unlink as unlink_segment
+from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RESP_UNAVAILABLE, RUNNING, RequestMemory
 from pyshm.sessions import SessionKind, SessionTable
-from pyshm.sessions import segment_name as session_segment
 from pyshm.supervisor import Supervisor
 from pyshm.transport import Connection
 from pyshm.worker import import_app
@@ -100,11 +100,11 @@ class ConnectionManager:
 
     def open_segments(self) -> None:
         cfg = self.config
-        for name in (cfg.name, segment_name(cfg.name), session_segment(cfg.name)):
+        for name in (heap_segment(cfg.name), request_segment(cfg.name), session_segment(cfg.name)):
             _remove_if_orphaned(name)
-        self.heap = SharedHeap.create(cfg.name, cfg.heap_size)
+        self.heap = SharedHeap.create(heap_segment(cfg.name), cfg.heap_size)
         try:
-            self.rm = RequestMemory.create(segment_name(cfg.name), slots=cfg.slots, workers=cfg.max_workers,
+            self.rm = RequestMemory.create(request_segment(cfg.name), slots=cfg.slots, workers=cfg.max_workers,
                                            inline_size=cfg.inline_size)
             self.sessions = SessionTable.create(cfg.name, cfg.sessions)
         except BaseException:

@@ -22,9 +22,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from pyshm import native
 from pyshm._native import ffi, lib
-from pyshm.errors import HeapCorrupt, PyshmError
-from pyshm.heap import _raise, open_handle
+from pyshm.errors import HeapCorrupt, StaleWorker
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,6 @@ CORRUPT = -1    # slot_info/response: the slot is in use but its state, worker o
 STATE_NAMES = {FREE: "free", QUEUED: "queued", RUNNING: "running", DONE: "done", CORRUPT: "corrupt"}
 RESP_ERROR = lib.PYSHM_RESP_ERROR
 RESP_UNAVAILABLE = lib.PYSHM_RESP_UNAVAILABLE
-
-
-class StaleWorker(PyshmError):
-    """This worker's index was given to another process (the manager thinks
-    it died): it must stop."""
 
 
 @dataclass
@@ -63,10 +58,6 @@ def _info(c: Any) -> SlotInfo:
                         "utf-8", "replace"))
 
 
-def segment_name(instance: str) -> str:
-    return f"{instance}.rr"
-
-
 class RequestMemory:
     def __init__(self, name: str, ptr: Any) -> None:
         self.name = name
@@ -83,14 +74,16 @@ class RequestMemory:
     @classmethod
     def create(cls, name: str, *, slots: int = 1024, workers: int = 64,
                inline_size: int = 64 * 1024) -> RequestMemory:
-        return cls(name, open_handle(lib.pyshm_rm_create, "pyshm_reqmem_t **", name, "request memory", slots,
-                                     workers, inline_size, create=True,
-                                     too_small=f"slots (1..16M), workers (1..4096) and inline size (up to 64 MiB) "
-                                               f"out of range: {slots}, {workers}, {inline_size}"))
+        """Creates the segment `name` (native.request_segment(instance))."""
+        return cls(name, native.open_instance_segment(
+            lib.pyshm_rm_create, "pyshm_reqmem_t **", name, slots, workers, inline_size, what="request memory",
+            create=True, too_small=f"slots (1..16M), workers (1..4096) and inline size (up to 64 MiB) "
+                                   f"out of range: {slots}, {workers}, {inline_size}"))
 
     @classmethod
     def attach(cls, name: str) -> RequestMemory:
-        return cls(name, open_handle(lib.pyshm_rm_attach, "pyshm_reqmem_t **", name, "request memory"))
+        return cls(name, native.open_instance_segment(lib.pyshm_rm_attach, "pyshm_reqmem_t **", name,
+                                                      what="request memory"))
 
     def close(self) -> None:
         if self._ptr is not None:
@@ -99,7 +92,7 @@ class RequestMemory:
             self._ptr = None
 
     def unlink(self) -> None:
-        lib.pyshm_segment_unlink(self.name.encode())
+        native.unlink(self.name, quiet=True)
 
     # -- offsets -------------------------------------------------------------
 
@@ -133,7 +126,7 @@ class RequestMemory:
             raise ValueError(f"a session id is 16 bytes, not {len(session)}")
         rc = lib.pyshm_rm_submit(self._ptr, w, slot, seq, req_len, blob, data,
                                  session if session else ffi.NULL, peer, len(peer))
-        if rc == -13:
+        if rc == lib.PYSHM_ERR_TOOSMALL:
             raise ValueError(f"a request of {req_len} bytes does not fit the slot's {self.inline_size} "
                              f"inline bytes; put it in a heap buffer")
         self._check(rc, "submit")
@@ -155,7 +148,7 @@ class RequestMemory:
         slot is in use but its fields are garbage (info's inline lengths are
         clamped to the slot, its values mean nothing)."""
         rc = lib.pyshm_rm_slot_info(self._ptr, slot, self._state, self._state + 1, self._c)
-        if rc == -7 and slot < self.n_slots:
+        if rc == lib.PYSHM_ERR_CORRUPT and slot < self.n_slots:
             return CORRUPT, -1, _info(self._c)
         self._check(rc, "slot")
         return int(self._state[0]), int(self._state[1]), _info(self._c)
@@ -173,7 +166,7 @@ class RequestMemory:
         c = self._c
         rc = lib.pyshm_rm_slot_info(self._ptr, slot, self._state, self._state + 1, c)
         if rc:
-            if rc == -7 and slot < self.n_slots:
+            if rc == lib.PYSHM_ERR_CORRUPT and slot < self.n_slots:
                 return CORRUPT, c.flags, c.resp_len, c.resp_blob, c.resp_data
             self._check(rc, "slot")
         return self._state[0], c.flags, c.resp_len, c.resp_blob, c.resp_data
@@ -201,7 +194,7 @@ class RequestMemory:
         rc = lib.pyshm_rm_take(self._ptr, w, gen, timeout_ms, self._c)
         if rc == 1:
             return _info(self._c)
-        if rc == -16:
+        if rc == lib.PYSHM_ERR_STATE:
             raise StaleWorker(f"worker index {w} generation {gen} was rebound")
         self._check(rc, "take")
         return None
@@ -210,7 +203,7 @@ class RequestMemory:
                  flags: int = 0, wake_fd: int = -1) -> None:
         """flags: 0, RESP_ERROR, or RESP_ERROR | RESP_UNAVAILABLE."""
         rc = lib.pyshm_rm_complete(self._ptr, w, gen, slot, resp_len, blob, data, flags, wake_fd)
-        if rc == -16:
+        if rc == lib.PYSHM_ERR_STATE:
             raise StaleWorker(f"worker index {w} generation {gen} was rebound")
         self._check(rc, "complete")
 
@@ -219,7 +212,7 @@ class RequestMemory:
 
     def _check(self, rc: int, what: str) -> None:
         if rc < 0:
-            if rc == -7:
+            if rc == lib.PYSHM_ERR_CORRUPT:
                 raise HeapCorrupt(f"request memory {self.name!r}: {what}: a value read from the segment "
                                   f"failed its bounds check (a worker wrote garbage)")
-            _raise(rc, f"request memory {self.name!r}: {what}")
+            raise native.error(rc, f"request memory {self.name!r}: {what}")

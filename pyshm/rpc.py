@@ -30,22 +30,13 @@ from typing import Any, Callable
 import msgpack
 
 from pyshm import _codec
-from pyshm.errors import ClosureError, PyshmError
+from pyshm.errors import ClosureError, PyshmError, SessionLost, UnknownMethod
 from pyshm.heap import SharedHeap
 from pyshm.sessions import SessionTable
 
 log = logging.getLogger(__name__)
 
 NOTIFY = 2
-
-
-class UnknownMethod(LookupError):
-    pass
-
-
-class SessionLost(PyshmError):
-    """The session's endpoint cannot go on (not restorable after its worker
-    died, or the session ended)."""
 
 
 class RpcRegistry:

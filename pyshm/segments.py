@@ -1,16 +1,16 @@
-"""Finding and removing pyshm segments left behind by dead processes."""
+"""Finding and removing pyshm segments left behind by dead processes.
+(What segments are called, and creating and unlinking one: pyshm.native.)"""
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
 
+from pyshm import native
 from pyshm._native import ffi, lib
+from pyshm.native import PREFIX, SHM_DIR
 
 log = logging.getLogger(__name__)
-
-SHM_DIR = "/dev/shm"
-PREFIX = "pyshm."
 
 
 @dataclass(frozen=True)
@@ -43,16 +43,16 @@ def probe(name: str) -> SegmentInfo:
 
     info = ffi.new("pyshm_seg_info_t *")
     rc = lib.pyshm_segment_probe(name.encode(), info)
-    if rc not in (0, -3):
+    if rc not in (lib.PYSHM_OK, lib.PYSHM_ERR_LAYOUT):
         return SegmentInfo(name, 0, 0, 0, 0, False, None, False)
     readers = None
-    if rc == 0 and info.kind == lib.PYSHM_KIND_HEAP:
+    if rc == lib.PYSHM_OK and info.kind == lib.PYSHM_KIND_HEAP:
         try:
             readers = SharedHeap.attach(name, observe=True).stats().readers
         except Exception as exc:  # a broken segment is reported, not fatal
             log.warning("segment %s: %s", name, exc)
     return SegmentInfo(name, info.size, info.kind, info.layout_version, info.creator_pid,
-                       bool(info.creator_alive), readers, rc == 0)
+                       bool(info.creator_alive), readers, rc == lib.PYSHM_OK)
 
 
 def clean(force: bool = False) -> list[SegmentInfo]:
@@ -61,7 +61,7 @@ def clean(force: bool = False) -> list[SegmentInfo]:
     removed = []
     for seg in list_segments():
         if seg.orphaned or (force and not seg.readable):
-            lib.pyshm_segment_unlink(seg.name.encode())
+            native.unlink(seg.name, quiet=True)
             log.info("removed segment %s (creator pid %d gone)", seg.name, seg.creator_pid)
             removed.append(seg)
     return removed

@@ -19,15 +19,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pyshm import native
 from pyshm._native import ffi, lib
-from pyshm.errors import HeapCorrupt, PyshmError
-from pyshm.heap import _raise, open_handle
+from pyshm.errors import HeapCorrupt, SessionTableFull
+from pyshm.native import session_segment
 
+# Fault-injection points of csrc/sessions.h, for the crash tests.
 FAULTS = {"create": lib.PYSHM_SFAULT_CREATE, "update": lib.PYSHM_SFAULT_UPDATE, "end": lib.PYSHM_SFAULT_END}
-
-
-class SessionTableFull(PyshmError):
-    """Every entry of the session table is taken."""
 
 
 class SessionKind(enum.IntEnum):
@@ -61,10 +59,6 @@ class SessionStats:
     repairs: int
 
 
-def segment_name(instance: str) -> str:
-    return f"{instance}.sessions"
-
-
 def new_id() -> bytes:
     """128 bits from the OS CSPRNG."""
     return os.urandom(16)
@@ -81,15 +75,16 @@ class SessionTable:
 
     @classmethod
     def create(cls, instance: str, capacity: int = 65536) -> SessionTable:
-        name = segment_name(instance)
-        return cls(name, open_handle(lib.pyshm_sessions_create, "pyshm_sessions_t **", name, "session table",
-                                     capacity, create=True,
-                                     too_small=f"capacity must be 1 to 67,108,864, not {capacity}"))
+        name = session_segment(instance)
+        return cls(name, native.open_instance_segment(
+            lib.pyshm_sessions_create, "pyshm_sessions_t **", name, capacity, what="session table", create=True,
+            too_small=f"capacity must be 1 to 67,108,864, not {capacity}"))
 
     @classmethod
     def attach(cls, instance: str) -> SessionTable:
-        name = segment_name(instance)
-        return cls(name, open_handle(lib.pyshm_sessions_attach, "pyshm_sessions_t **", name, "session table"))
+        name = session_segment(instance)
+        return cls(name, native.open_instance_segment(lib.pyshm_sessions_attach, "pyshm_sessions_t **", name,
+                                                      what="session table"))
 
     def close(self) -> None:
         if self._ptr is not None:
@@ -97,7 +92,7 @@ class SessionTable:
             self._ptr = None
 
     def unlink(self) -> None:
-        lib.pyshm_segment_unlink(self.name.encode())
+        native.unlink(self.name, quiet=True)
 
     # -- entries ------------------------------------------------------------------
 
@@ -109,7 +104,7 @@ class SessionTable:
                     closure, 0, 0)
         self._fill(s)
         rc = lib.pyshm_sessions_insert(self._ptr, self._c)
-        if rc == -5:
+        if rc == lib.PYSHM_ERR_FULL:
             raise SessionTableFull(f"session table {self.name!r} is full "
                                    f"({self.stats().capacity} sessions); raise sessions= or shorten their ttl")
         self._check(rc, "open")
@@ -118,7 +113,7 @@ class SessionTable:
     def get(self, sid: bytes) -> Session | None:
         """The session's entry (a consistent copy, read without a lock)."""
         rc = lib.pyshm_sessions_get(self._ptr, self._id(sid), self._c)
-        if rc == -6:
+        if rc == lib.PYSHM_ERR_NOTFOUND:
             return None
         self._check(rc, "get")
         return self._session(self._c)
@@ -146,7 +141,7 @@ class SessionTable:
         """Marks an access (and pushes expiry ttl on); False if it is gone."""
         now = time.time() if now is None else now
         rc = lib.pyshm_sessions_touch(self._ptr, self._id(sid), now, now + ttl if ttl else 0.0)
-        if rc == -6:
+        if rc == lib.PYSHM_ERR_NOTFOUND:
             return False
         self._check(rc, "touch")
         return True
@@ -157,7 +152,7 @@ class SessionTable:
         now = time.time()
         rc = lib.pyshm_sessions_saved(self._ptr, self._id(sid), closure.encode(), version, now,
                                       now + ttl if ttl else 0.0)
-        if rc == -6:
+        if rc == lib.PYSHM_ERR_NOTFOUND:
             return False
         self._check(rc, "save")
         return True
@@ -173,7 +168,7 @@ class SessionTable:
                 except KeyError:   # ClosureNotFound: deleted meanwhile
                     pass
         rc = lib.pyshm_sessions_remove(self._ptr, self._id(sid))
-        if rc == -6:
+        if rc == lib.PYSHM_ERR_NOTFOUND:
             return False
         self._check(rc, "end")
         return True
@@ -196,7 +191,7 @@ class SessionTable:
     def check(self) -> None:
         """Verifies every invariant of the table; raises HeapCorrupt."""
         rc = lib.pyshm_sessions_check(self._ptr)
-        if rc == -7:
+        if rc == lib.PYSHM_ERR_CORRUPT:
             raise HeapCorrupt(f"session table {self.name!r} failed its consistency check")
         self._check(rc, "check")
 
@@ -245,4 +240,4 @@ class SessionTable:
 
     def _check(self, rc: int, what: str) -> None:
         if rc < 0:
-            _raise(rc, f"session table {self.name!r}: {what}")
+            raise native.error(rc, f"session table {self.name!r}: {what}")

@@ -26,8 +26,8 @@ import time
 from typing import TYPE_CHECKING
 
 from pyshm.config import ListenConfig
+from pyshm.errors import SessionTableFull
 from pyshm.frontend import UNAVAILABLE, FrontEnd, ProtocolError, Request, Send
-from pyshm.sessions import SessionTableFull
 
 if TYPE_CHECKING:
     from pyshm.manager import ConnectionManager

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pyshm import control, procmem, rpc, wsgi
-from pyshm.errors import HeapCorrupt, PyshmError
+from pyshm.errors import HeapCorrupt, PyshmError, SessionTableFull, StaleWorker
 from pyshm.heap import SharedHeap
 from pyshm.http_sessions import SessionStore
-from pyshm.reqmem import RESP_ERROR, RESP_UNAVAILABLE, RequestMemory, SlotInfo, StaleWorker, segment_name
-from pyshm.sessions import SessionTable, SessionTableFull
+from pyshm.native import heap_segment, request_segment
+from pyshm.reqmem import RESP_ERROR, RESP_UNAVAILABLE, RequestMemory, SlotInfo
+from pyshm.sessions import SessionTable
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,8 @@ class Worker:
                                                                    "suite": suite})
         self.index, self.gen = int(reply["index"]), int(reply["gen"])
         self.ctl.setblocking(False)
-        self.rm = RequestMemory.attach(segment_name(instance))
-        self.heap = _heap = SharedHeap.attach(instance)
+        self.rm = RequestMemory.attach(request_segment(instance))
+        self.heap = _heap = SharedHeap.attach(heap_segment(instance))
         self.sessions = None
         self.rpc: rpc.CallRunner | None = None
         if interface == "wsgi":

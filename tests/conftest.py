@@ -18,7 +18,7 @@ from hypothesis import settings
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pyshm import SegmentNotFound, SharedHeap
-from pyshm.heap import unlink
+from pyshm.native import unlink
 
 # "ci" keeps hypothesis's default of 100 examples a test; tests set no
 # max_examples of their own, so that "fuzz" raises every one.

@@ -9,8 +9,8 @@ import pytest
 
 from pyshm.config import SuiteConfig
 from pyshm.dispatch import Dispatcher, WorkerRef
-from pyshm.errors import HeapCorrupt
-from pyshm.reqmem import CORRUPT, DONE, FREE, QUEUED, RUNNING, RequestMemory, StaleWorker
+from pyshm.errors import HeapCorrupt, StaleWorker
+from pyshm.reqmem import CORRUPT, DONE, FREE, QUEUED, RUNNING, RequestMemory
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 import pyshm
 from pyshm import segments
-from pyshm.heap import unlink
+from pyshm.native import unlink
 
 
 def test_create_twice_and_attach_missing(heap, heap_name):

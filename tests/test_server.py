@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pyshm.heap import SharedHeap
-from pyshm.reqmem import RequestMemory, segment_name
+from pyshm.native import request_segment
+from pyshm.reqmem import RequestMemory
 from server_util import FrameClient, Load, TcpConn, free_port, one_suite, quiescent, status, wait_for, worker_pids
 
 
@@ -18,7 +19,7 @@ def config(port: int, *, workers: int = 2, app: str = "apps:echo", extra: str = 
 
 
 def slot_states(name: str) -> dict[str, int]:
-    rm = RequestMemory.attach(segment_name(name))
+    rm = RequestMemory.attach(request_segment(name))
     try:
         return rm.states()
     finally:

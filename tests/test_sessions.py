@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pyshm.sessions import SessionKind, SessionTable, SessionTableFull
+from pyshm.errors import SessionTableFull
+from pyshm.sessions import SessionKind, SessionTable
 
 WORKER = Path(__file__).resolve().parent / "session_worker.py"
 
