@@ -1,8 +1,9 @@
 """One dispatcher per suite: picks the worker a request goes to.
 
 Policies: least-loaded (default: the worker with the fewest requests in
-flight, ties broken in turn) and round-robin.  (A request of a distributed
-session goes to its bound worker: the manager's _session_worker decides.)"""
+flight, ties broken in turn) and round-robin.  A request of a distributed
+session goes to the worker it is bound to (bound()) while that one serves;
+the manager's placement step (ConnectionManager.place) asks for both."""
 from __future__ import annotations
 
 import itertools
@@ -40,6 +41,12 @@ class Dispatcher:
 
     def available(self) -> list[WorkerRef]:
         return [w for w in self.workers.values() if not w.draining]
+
+    def bound(self, index: int, gen: int) -> WorkerRef | None:
+        """The worker a session is bound to (index and generation), if it
+        still serves this suite (draining or not)."""
+        w = self.workers.get(index)
+        return w if w is not None and w.gen == gen else None
 
     def pick(self) -> WorkerRef | None:
         """The worker for the next request, or None when none can take it."""

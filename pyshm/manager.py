@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from pyshm.config import Config
+from pyshm.config import Config, ListenConfig
 from pyshm.dispatch import Dispatcher, WorkerRef
 from pyshm import segments
-from pyshm.errors import ConfigError, HeapFull, ListenError, PyshmError, SegmentExists
+from pyshm.errors import ConfigError, HeapFull, ListenError, PyshmError, SegmentExists, SessionTableFull
 from pyshm.frontend import (
     APP_ERROR, INTERNAL, SESSION_ENDED, SHUTTING_DOWN, TIMED_OUT, TOO_LARGE, UNAVAILABLE, WORKER_DIED, Registry,
     Request,
@@ -33,13 +33,42 @@ from pyshm.native import heap_segment, request_segment, session_segment
 from pyshm.native import unlink as unlink_segment
 from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RESP_UNAVAILABLE, RUNNING, RequestMemory
 from pyshm.sessions import SessionKind, SessionTable
-from pyshm.supervisor import Supervisor
+from pyshm.supervisor import Refused, Supervisor
 from pyshm.transport import Connection
 from pyshm.worker import import_app
 
 log = logging.getLogger(__name__)
 
 Reply = Callable[[bytes, "str | None"], None]
+
+
+@dataclass(slots=True)
+class Client:
+    """A client connection as the manager sees it."""
+    listen: ListenConfig
+    peer: bytes
+    session: bytes | None = None         # its distributed session, opened at its first request
+    session_error: str | None = None     # why it could have none (the table is full)
+
+
+@dataclass(slots=True)
+class Local:
+    """Placement: this worker of this instance."""
+    worker: WorkerRef
+
+
+@dataclass(slots=True)
+class Answer:
+    """Placement: answered here, with this error."""
+    body: bytes
+    error: str
+
+
+class Park:
+    """Placement: waits until its session's calls at a draining worker are answered."""
+
+
+PARK = Park()
 
 
 @dataclass(slots=True)
@@ -92,7 +121,8 @@ class ConnectionManager:
         self._to_wake: set[int] = set()
         self._seq = 0
         self.stopping = False
-        self.supervisor = Supervisor(self)
+        self.free_indices = list(range(config.max_workers - 1, -1, -1))   # worker indices in the request memory
+        self.supervisor = Supervisor(config, self, self.status)
         self.served = 0
         self.ready = asyncio.Event()
 
@@ -229,43 +259,100 @@ class ConnectionManager:
 
     # -- the request path ------------------------------------------------------------
 
-    def submit(self, suite: str, request: Request, peer: bytes, reply: Reply) -> None:
+    def connection_opened(self, listen: ListenConfig, peer: bytes) -> Client:
+        """A client connected to `listen`: its record, passed back with each
+        request and at the close."""
+        return Client(listen, peer)
+
+    def connection_closed(self, client: Client) -> None:
+        """The client is gone: its distributed session ends (entry and state closure)."""
+        if client.session is not None:
+            self.sessions.end(client.session, self.heap)
+            client.session = None
+
+    def submit(self, client: Client, request: Request, reply: Reply) -> None:
         """Called by a connection for each request; `reply(body, error)` is
-        called exactly once."""
+        called exactly once.  Routing and sessions are decided here: the
+        suite by the listener's rules; a connection to a distributed suite is
+        a session, opened at its first request (a probe costs no entry)."""
+        suite = client.listen.suite_for(request.route)
+        if suite == client.listen.suite and self.config.suites[suite].distributed:
+            if client.session is None and client.session_error is None:
+                try:
+                    client.session = self.sessions.open(SessionKind.DISTRIBUTED, suite=self.suite_index[suite]).id
+                except SessionTableFull as e:
+                    client.session_error = str(e)    # each of its requests is answered with it
+            if client.session_error is not None:
+                reply(client.session_error.encode(), UNAVAILABLE)
+                return
+            request.session = client.session
         self._seq += 1
-        p = Pending(suite, request, peer, reply, time.monotonic(), self._seq)
+        p = Pending(suite, request, client.peer, reply, time.monotonic(), self._seq)
         queue = self.backlog[suite]
         if queue or not self._place(p):
             queue.append(p)     # behind the ones already waiting
             self.pump()
 
     def _place(self, p: Pending) -> bool:
-        """Gives p a slot and a worker; False when it must wait for either."""
-        rm = self.rm
-        distributed = p.request.session is not None and self.config.suites[p.suite].distributed
-        if distributed:
-            worker = self._session_worker(p)
-            if worker is False:
-                return True       # answered (the session is gone) or parked
-        else:
-            worker = self.dispatchers[p.suite].pick()
-        if worker is None or (p.slot < 0 and not self.free_slots):
+        """Carries out p's placement; False when it must wait (for a slot
+        or a worker)."""
+        if p.slot < 0 and not self.free_slots:
             return False
+        where = self.place(p)
+        if where is None:
+            return False
+        if isinstance(where, Answer):
+            self._answer(p, where.body, where.error)
+        elif isinstance(where, Park):
+            self._parked.setdefault(p.request.session, collections.deque()).append(p)
+        else:
+            self._submit_local(p, where.worker)
+        return True
+
+    def place(self, p: Pending) -> Local | Answer | Park | None:
+        """Where p goes next: a local worker (the suite's dispatcher picks
+        it, or the worker its session is bound to), an answer here (its
+        session ended), parked (its session is moving), or None: nowhere
+        yet.  The one placement step; the cluster adds Remote(node)."""
+        dispatcher = self.dispatchers[p.suite]
+        sid = p.request.session
+        if sid is None or not self.config.suites[p.suite].distributed:
+            w = dispatcher.pick()
+            return Local(w) if w is not None else None
+        brief = self.sessions.brief(sid)
+        if brief is None:
+            return Answer(b"the session ended", SESSION_ENDED)
+        w = dispatcher.bound(brief[0], brief[1])
+        if w is not None:
+            if not w.draining:
+                self.sessions.touch(sid)
+                return Local(w)
+            if self._session_calls.get(sid):
+                # Its worker is being replaced but still runs earlier calls
+                # of this session: this one waits, so that the session moves
+                # between calls, not during them.
+                return PARK
+        w = dispatcher.pick()       # bound to a new worker: it restores the endpoints from the checkpoint
+        if w is None:
+            return None
+        self.sessions.bind(sid, w.index, w.gen)
+        return Local(w)
+
+    def _submit_local(self, p: Pending, worker: WorkerRef) -> None:
         if p.slot < 0:
             try:
                 self._write_payload(p)
             except HeapFull as e:
                 self._answer(p, f"request too large for the server's memory: {e}".encode(), TOO_LARGE)
-                return True
-        if rm.submit(worker.index, p.slot, p.seq, len(p.request.payload), blob=p.blob, data=p.data,
-                     session=p.request.session, peer=p.peer):
+                return
+        if self.rm.submit(worker.index, p.slot, p.seq, len(p.request.payload), blob=p.blob, data=p.data,
+                          session=p.request.session, peer=p.peer):
             self._wake_later(worker.index)
         p.worker = worker
         worker.inflight += 1
-        if distributed:
-            sid = p.request.session
+        sid = p.request.session
+        if sid is not None and self.config.suites[p.suite].distributed:
             self._session_calls[sid] = self._session_calls.get(sid, 0) + 1
-        return True
 
     def _unplace(self, p: Pending) -> None:
         """p left its worker (answered, or requeued after the worker died)."""
@@ -281,44 +368,6 @@ class ConnectionManager:
             parked = self._parked.pop(sid, None)
             if parked:      # the session may move now: its calls go first
                 self.backlog[p.suite].extendleft(reversed(parked))
-
-    # -- distributed sessions ------------------------------------------------------------
-
-    def open_session(self, suite: str) -> bytes:
-        """A connection to a distributed suite starts a session (bound to a
-        worker at its first request).  Raises SessionTableFull."""
-        return self.sessions.open(SessionKind.DISTRIBUTED, suite=self.suite_index[suite]).id
-
-    def end_session(self, sid: bytes) -> None:
-        """The connection closed: entry freed, state closure deleted."""
-        self.sessions.end(sid, self.heap)
-
-    def _session_worker(self, p: Pending) -> WorkerRef | None | bool:
-        """The session's bound worker; a new one when it died or is being
-        replaced (the session moves, its endpoints restore from the last
-        checkpoint).  False when p is taken care of: answered (the session
-        ended) or parked until the session's calls at its draining worker
-        are answered."""
-        sid = p.request.session
-        brief = self.sessions.brief(sid)
-        if brief is None:
-            self._answer(p, b"the session ended", SESSION_ENDED)
-            return False
-        w = self.workers.get(brief[0])
-        if w is not None and w.gen == brief[1]:
-            if not w.draining:
-                self.sessions.touch(sid)
-                return w
-            if self._session_calls.get(sid):
-                # Its worker is being replaced but still runs earlier calls
-                # of this session: this one waits, so that the session moves
-                # between calls, not during them.
-                self._parked.setdefault(sid, collections.deque()).append(p)
-                return False
-        w = self.dispatchers[p.suite].pick()
-        if w is not None:
-            self.sessions.bind(sid, w.index, w.gen)
-        return w
 
     def _wake_later(self, index: int) -> None:
         """Sleeping workers are woken once per loop iteration, not per request."""
@@ -555,6 +604,21 @@ class ConnectionManager:
 
     # -- workers join and leave (called by the supervisor) ---------------------------------
 
+    def worker_joining(self, pid: int, start: int, suite: str) -> tuple[WorkerRef, dict, list[int]]:
+        """Admits a worker (the supervisor checked who it is): binds it an
+        index of the request memory; the reply tells it what it needs, and
+        it gets the eventfd that wakes the manager."""
+        if suite not in self.dispatchers:
+            raise Refused(f"no suite {suite!r}")
+        if not self.free_indices:
+            raise Refused("no free worker index (instance.max_workers)")
+        index = self.free_indices.pop()
+        gen = self.rm.bind_worker(index, pid, start)
+        cfg = self.config
+        reply = {"index": index, "gen": gen, "secret": self.secret.hex(), "session_ttl": cfg.session_ttl,
+                 "secure_cookies": cfg.secure_cookies, "suite_index": self.suite_index[suite]}
+        return WorkerRef(index, gen, pid, start, suite), reply, [self.wake_fd]
+
     def worker_joined(self, w: WorkerRef) -> None:
         suite = self.config.suites[w.suite]
         if suite.max_requests:
@@ -576,6 +640,7 @@ class ConnectionManager:
         for slot in self._drain(w):
             self.complete(slot)
         self.rm.unbind_worker(w.index)
+        self.free_indices.append(w.index)
         requeue = []
         for p in [p for p in self.pending.values() if p.worker is w]:
             state, _, _ = self.rm.slot_info(p.slot)

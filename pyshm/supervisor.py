@@ -1,6 +1,8 @@
 """The supervisor: starts the configured workers, learns at once when one
-dies (its control connection closes), has the manager answer what the dead
-worker held, and starts a replacement.
+dies (its control connection, served by pyshm.control_server, closes), tells
+its one listener (the manager, which cleans up after the dead worker: its
+requests, slots and pins) and starts a replacement.  It knows processes,
+never requests.
 
 Runs inside the manager's event loop.  SIGHUP replaces the workers one by
 one: the new one joins before the old one stops taking requests, and the
@@ -20,20 +22,17 @@ import asyncio
 import logging
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Callable, Protocol
 
-from pyshm import control, procmem
+from pyshm import procmem
+from pyshm.config import Config
+from pyshm.control_server import ControlConn, ControlServer
 from pyshm.dispatch import WorkerRef
-from pyshm.errors import SegmentExists, WorkerStartError
-
-if TYPE_CHECKING:
-    from pyshm.manager import ConnectionManager
+from pyshm.errors import WorkerStartError
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +56,36 @@ class Child:
     replacement: bool = False    # started by SIGHUP to replace another: not restarted if it fails to join
 
 
-class _ControlConn:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.lines = control.LineReader()
-        self.worker: WorkerRef | None = None
+class Refused(Exception):
+    """A worker may not join (the reason is sent to it)."""
+
+
+class WorkerEvents(Protocol):
+    """What the supervisor tells its one listener (the connection manager),
+    which owns the request memory and the workers' requests."""
+
+    def worker_joining(self, pid: int, start: int, suite: str) -> tuple[WorkerRef, dict, list[int]]:
+        """Admits a worker: its record, the reply for it and the file
+        descriptors to pass it.  Raises Refused."""
+
+    def worker_joined(self, w: WorkerRef) -> None:
+        """w takes requests from now on."""
+
+    def worker_left(self, w: WorkerRef) -> None:
+        """w is gone: the clean-up after it (its requests, slots, pins)."""
 
 
 class Supervisor:
-    def __init__(self, manager: ConnectionManager) -> None:
-        self.manager = manager
+    """Processes only: it knows the workers' pids and suites, never their
+    requests.  status: what `pyshm status` reports (the control server asks)."""
+
+    def __init__(self, config: Config, events: WorkerEvents, status: Callable[[], dict]) -> None:
+        self.config = config
+        self.events = events
+        self.control = ControlServer(config.name, self, status)
         self.children: dict[int, Child] = {}      # by pid
-        self.conns: dict[int, _ControlConn] = {}  # by worker index
-        self.free_indices: list[int] = []
-        self.listener: socket.socket | None = None
+        self.conns: dict[int, ControlConn] = {}   # by worker index: the joined workers
+        self.started = False                      # all workers of the start joined
         self.stopping = False
         self._quick_deaths: dict[str, int] = {}
         self.restarts: dict[str, int] = {}          # by suite: workers started to replace dead ones
@@ -81,27 +96,23 @@ class Supervisor:
     # -- start ---------------------------------------------------------------
 
     async def start(self) -> None:
-        cfg = self.manager.config
-        self.free_indices = list(range(cfg.max_workers - 1, -1, -1))
-        loop = asyncio.get_running_loop()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        try:
-            self.listener.bind(control.address(cfg.name))
-        except OSError as e:
-            raise SegmentExists(f"instance {cfg.name!r} already runs here (control socket: {e.strerror}); "
-                                f"choose another instance.name") from None
-        self.listener.listen(128)
-        loop.add_reader(self.listener, self._accept)
+        cfg = self.config
+        self.control.start()
         for suite in cfg.suites.values():
             for _ in range(suite.workers):
                 self.spawn(suite.name)
         await self._wait_joined(sum(s.workers for s in cfg.suites.values()))
+        self.started = True
         self._task(self._watch_children())
+
+    def workers(self) -> list[WorkerRef]:
+        """The joined workers."""
+        return [conn.owner for conn in self.conns.values()]
 
     async def _wait_joined(self, n: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         exited: dict[int, float] = {}
-        while len(self.manager.workers) < n:
+        while len(self.conns) < n:
             for c in self._unjoined_exited():
                 why = self.start_errors.get(c.proc.pid)
                 if why is not None:
@@ -111,7 +122,7 @@ class Supervisor:
                     raise WorkerStartError(f"a worker of suite {c.suite!r} exited with status "
                                            f"{c.proc.returncode} before joining; its error is above")
             if time.monotonic() > deadline:
-                raise WorkerStartError(f"only {len(self.manager.workers)} of {n} workers joined within "
+                raise WorkerStartError(f"only {len(self.conns)} of {n} workers joined within "
                                        f"{START_TIMEOUT:g} s")
             self._joined.clear()
             try:
@@ -120,7 +131,7 @@ class Supervisor:
                 pass
 
     def spawn(self, suite: str, *, replacement: bool = False) -> Child:
-        cfg = self.manager.config
+        cfg = self.config
         cmd = [sys.executable, "-m", "pyshm.worker", "--instance", cfg.name, "--suite", suite,
                "--app", cfg.suites[suite].app, "--interface", cfg.suites[suite].interface, "--supervised"]
         if log.isEnabledFor(logging.INFO):
@@ -136,116 +147,56 @@ class Supervisor:
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
-    # -- control connections ----------------------------------------------------------
+    # -- control connections (ControlHandler) ---------------------------------------------
 
-    def _accept(self) -> None:
-        try:
-            sock, _ = self.listener.accept()
-        except BlockingIOError:
-            return
-        sock.setblocking(False)
-        conn = _ControlConn(sock)
-        asyncio.get_running_loop().add_reader(sock, self._readable, conn)
-
-    def _readable(self, conn: _ControlConn) -> None:
-        try:
-            data = conn.sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._closed(conn)
-            return
-        try:
-            for msg in conn.lines.feed(data):
-                if "hello" in msg and conn.worker is None:
-                    self._hello(conn, msg["hello"])
-                elif "failed" in msg and conn.worker is None:
-                    self._failed(conn, msg["failed"])
-                    return
-                elif msg.get("status") and conn.worker is None:
-                    self._status(conn)
-                    return
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("bad control message from a worker: %s", e)
-            self._closed(conn)
-
-    def _status(self, conn: _ControlConn) -> None:
-        """`pyshm status`: a read-only report, then the connection closes."""
-        _, uid = self._peer(conn)
-        if uid == os.getuid():
-            conn.sock.setblocking(True)
-            try:
-                conn.sock.sendall(control.encode(self.manager.status()))
-            except OSError:
-                pass
-        self._closed(conn)
-
-    def _peer(self, conn: _ControlConn) -> tuple[int, int]:
-        """(pid, uid) of the process at the other end, as the kernel says."""
-        pid, uid, _ = struct.unpack("3i", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                               struct.calcsize("3i")))
-        return pid, uid
-
-    def _failed(self, conn: _ControlConn, failed: dict) -> None:
+    def on_failed(self, conn: ControlConn, failed: dict) -> None:
         """A worker we started says why it cannot start (then exits)."""
-        pid, uid = self._peer(conn)
+        pid, uid = conn.peer()
         child = self.children.get(pid)
         if uid == os.getuid() and child is not None and pid not in self.start_errors:
             why = str(failed.get("error", "unknown error"))[:2000]
             self.start_errors[pid] = why
-            if self.manager.ready.is_set():
+            if self.started:
                 log.error("a worker of suite %s could not start: %s", child.suite, why)
-        self._closed(conn)
+        self.control.close(conn)
 
-    def _hello(self, conn: _ControlConn, hello: dict) -> None:
-        m = self.manager
+    def on_hello(self, conn: ControlConn, hello: dict) -> None:
         suite = str(hello["suite"])
         pid, start = int(hello["pid"]), int(hello["start"])
         # The socket is abstract (no file permissions): the kernel says who
         # connected, and only this user's processes, as who they claim, join.
-        peer_pid, peer_uid = self._peer(conn)
+        peer_pid, peer_uid = conn.peer()
         if peer_uid != os.getuid() or peer_pid != pid:
             log.warning("refused a worker: uid %d pid %d (claimed pid %d)", peer_uid, peer_pid, pid)
-            self._closed(conn)
+            self.control.close(conn)
             return
-        if suite not in m.dispatchers or not self.free_indices or self.stopping:
-            why = (f"no suite {suite!r}" if suite not in m.dispatchers
-                   else "shutting down" if self.stopping else "no free worker index (instance.max_workers)")
-            conn.sock.send(control.encode({"error": why}))
-            self._closed(conn)
+        try:
+            if self.stopping:
+                raise Refused("shutting down")
+            w, reply, fds = self.events.worker_joining(pid, start, suite)
+        except Refused as e:
+            self.control.send(conn, {"error": str(e)})
+            self.control.close(conn)
             return
-        index = self.free_indices.pop()
-        gen = m.rm.bind_worker(index, pid, start)
-        w = WorkerRef(index, gen, pid, start, suite)
-        conn.worker = w
-        self.conns[index] = conn
-        cfg = m.config
-        reply = {"index": index, "gen": gen, "secret": m.secret.hex(), "session_ttl": cfg.session_ttl,
-                 "secure_cookies": cfg.secure_cookies}
-        socket.send_fds(conn.sock, [control.encode(reply)], [m.wake_fd])
+        conn.owner = w
+        self.conns[w.index] = conn
+        self.control.send(conn, reply, fds)
         child = self.children.get(pid)
         if child is not None:
             child.worker = w
             child.joined = time.monotonic()
             child.replacement = False
-        m.worker_joined(w)
+        self.events.worker_joined(w)
         self._retire_recycled(suite)
         self._joined.set()
-        log.info("worker pid %d joined suite %s as index %d", pid, suite, index)
+        log.info("worker pid %d joined suite %s as index %d", pid, suite, w.index)
 
-    def _closed(self, conn: _ControlConn) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(conn.sock)
-        conn.sock.close()
-        w = conn.worker
+    def on_closed(self, conn: ControlConn) -> None:
+        w, conn.owner = conn.owner, None
         if w is None:
             return
-        conn.worker = None
         self.conns.pop(w.index, None)
-        self.manager.worker_left(w)
-        self.free_indices.append(w.index)
+        self.events.worker_left(w)
         child = self.children.pop(w.pid, None)
         if child is not None:
             self._reap(child)
@@ -318,11 +269,8 @@ class Supervisor:
 
     def tell_stop(self, w: WorkerRef) -> None:
         conn = self.conns.get(w.index)
-        if conn is not None and conn.worker is w:
-            try:
-                conn.sock.send(control.encode({"stop": True}))
-            except OSError:
-                pass
+        if conn is not None and conn.owner is w:
+            self.control.send(conn, {"stop": True})
 
     def kill(self, w: WorkerRef, why: str) -> None:
         """SIGKILLs worker w (its control connection then closes and it is
@@ -365,7 +313,7 @@ class Supervisor:
 
     def _retire_recycled(self, suite: str) -> None:
         """Retires the recycled workers of `suite` while another serves."""
-        serving = [x for x in self.manager.workers.values() if x.suite == suite and not x.draining]
+        serving = [x for x in self.workers() if x.suite == suite and not x.draining]
         for w in [x for x in serving if x.recycling]:
             if len(serving) > 1:
                 self.retire(w)
@@ -414,14 +362,14 @@ class Supervisor:
             old = child.worker
             if old is not None:
                 self.retire(old)
-                while old.index in self.conns and self.conns[old.index].worker is old:
+                while old.index in self.conns and self.conns[old.index].owner is old:
                     await asyncio.sleep(0.02)
         finally:
             child.replacing = False
 
     async def stop_all(self) -> None:
         self.stopping = True
-        for w in list(self.manager.workers.values()):
+        for w in self.workers():
             self.retire(w)
         deadline = time.monotonic() + STOP_TIMEOUT
         while self.children and time.monotonic() < deadline:
@@ -438,16 +386,8 @@ class Supervisor:
                 c.proc.kill()
             c.proc.wait()
         self.children.clear()
-        loop = asyncio.get_running_loop()
-        for conn in list(self.conns.values()):
-            # Closed without worker_left: the manager is going away.
-            loop.remove_reader(conn.sock)
-            conn.sock.close()
+        self.control.shut()     # without worker_left: the manager is going away
         self.conns.clear()
-        if self.listener is not None:
-            loop.remove_reader(self.listener)
-            self.listener.close()
-            self.listener = None
         for t in self._tasks:
             t.cancel()
 

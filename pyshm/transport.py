@@ -1,8 +1,9 @@
 """The one asyncio transport adapter that drives every front-end.
 
 A Connection feeds the client's bytes to its front-end, hands the requests
-it parses to the connection manager, and writes each response the front-end
-encodes, in request order when the front-end asks for it.  Bad input: the
+it parses to the connection manager (which decides where they go: routing
+and sessions are policy, not the transport's), and writes each response the
+front-end encodes, in request order when the front-end asks for it.  Bad input: the
 responses already due go out, then the front-end's error reply, then the
 connection closes; nothing more is read.  Timeouts: a connection idle longer
 than the front-end's idle_timeout, or a request not whole within
@@ -26,8 +27,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pyshm.config import ListenConfig
-from pyshm.errors import SessionTableFull
-from pyshm.frontend import UNAVAILABLE, FrontEnd, ProtocolError, Request, Send
+from pyshm.frontend import FrontEnd, ProtocolError, Request, Send
 
 if TYPE_CHECKING:
     from pyshm.manager import ConnectionManager
@@ -73,8 +73,7 @@ class Connection(asyncio.Protocol):
         self.peer = (f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)).encode()
         self.fe.connection_made(self.peer.decode(), (sock[0], sock[1]) if isinstance(sock, tuple) else ("", 0))
         self.manager.connections.add(self)
-        self.session: bytes | None = None       # opened at the first request (a probe costs no entry)
-        self._session_error: str | None = None
+        self.client = self.manager.connection_opened(self.listen, self.peer)
 
     def data_received(self, data: bytes) -> None:
         if self._error is not None or self._closing:
@@ -99,9 +98,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.manager.connections.discard(self)
-        if self.session is not None:
-            self.manager.end_session(self.session)
-            self.session = None
+        self.manager.connection_closed(self.client)
 
     # -- requests and responses --------------------------------------------------
 
@@ -150,18 +147,7 @@ class Connection(asyncio.Protocol):
             self._resume_reading()
 
     def _submit(self, seq: int, req: Request) -> None:
-        suite = self.listen.suite_for(req.route)
-        if suite == self.listen.suite and self.manager.config.suites[suite].distributed:
-            if self.session is None and self._session_error is None:
-                try:
-                    self.session = self.manager.open_session(suite)
-                except SessionTableFull as e:
-                    self._session_error = str(e)     # each request is answered with it
-            if self._session_error is not None:
-                self._answered(seq, req, self._session_error.encode(), UNAVAILABLE)
-                return
-            req.session = self.session
-        self.manager.submit(suite, req, self.peer, lambda body, error: self._answered(seq, req, body, error))
+        self.manager.submit(self.client, req, lambda body, error: self._answered(seq, req, body, error))
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
