@@ -1,4 +1,15 @@
-"""The `pyshm` command: demo, heap stats, clean."""
+"""The `pyshm` command.
+
+    pyshm serve APP --http|--tcp HOST:PORT | -c pyshm.toml   run an instance (manager + suites of workers)
+    pyshm status NAME [--json]       a running instance: workers, restarts, sessions, slots, heap (read-only)
+    pyshm heap stats NAME [--json]   a closure heap: usage, versions, attached processes
+    pyshm clean [--force]            remove segments whose creator is gone and that nobody uses
+    pyshm demo                       the example catalog instance on 127.0.0.1:7000 (`make run`)
+    pyshm demo-heap                  put a large closure, map it from several processes, show memory
+
+Exit status: 0; 1 for an error in what was asked (a configuration, a name);
+2 when an instance could not start (an address in use, an application that
+cannot be loaded)."""
 from __future__ import annotations
 
 import argparse
