@@ -156,14 +156,14 @@ def http_section(args, tmp: str, redis: Redis) -> None:
 
 def cost_section(redis: Redis) -> None:
     from pyshm.heap import SharedHeap
-    from pyshm.sessions import SessionKind, SessionTable
+    from pyshm.sessions import SessionKind, SessionTable, state_closure
 
     name = f"bench-sess-{os.getpid()}"
     heap = SharedHeap.create(name, size="256MiB")
     table = SessionTable.create(name, 1024)
     try:
         entry = table.open(SessionKind.REQUEST, ttl=1800)
-        closure = f"session/{entry.id.hex()}"
+        closure = state_closure(entry.id)
         heap.put(closure, {"visits": 0, "user": "ada", "cart": [1, 2, 3]})
 
         def pyshm_step() -> None:       # what an HTTP request with a changed session does

@@ -261,13 +261,18 @@ int pyshm_sessions_insert(pyshm_sessions_t *t, const pyshm_session_t *s) {
     return rc;
 }
 
-int pyshm_sessions_put(pyshm_sessions_t *t, const pyshm_session_t *s) {
+/* The field writers below change only their own fields of the entry (the
+ * lock, then the slot bracketed by begin/end), so writers in different
+ * processes never undo each other's changes. */
+
+int pyshm_sessions_bind(pyshm_sessions_t *t, const uint8_t *id, int32_t worker, uint64_t worker_gen) {
     int rc;
-    slot_t *sl = lock_slot(t, s->id, &rc);
+    slot_t *sl = lock_slot(t, id, &rc);
     if (!sl) return rc;
     begin(sl);
     fault(t, PYSHM_SFAULT_UPDATE);
-    sl->s = *s;
+    sl->s.worker = worker;
+    sl->s.worker_gen = worker_gen;
     end(sl);
     unlock(t);
     return PYSHM_OK;
@@ -296,8 +301,25 @@ int pyshm_sessions_saved(pyshm_sessions_t *t, const uint8_t *id, const char *clo
     fault(t, PYSHM_SFAULT_UPDATE);
     memcpy(sl->s.closure, closure, n + 1);
     sl->s.closure_version = version;
-    sl->s.last_access = now;
-    sl->s.expires = expires;
+    if (now >= 0) {
+        sl->s.last_access = now;
+        sl->s.expires = expires;
+    }
+    end(sl);
+    unlock(t);
+    return PYSHM_OK;
+}
+
+int pyshm_sessions_cluster(pyshm_sessions_t *t, const uint8_t *id, uint32_t owner_node, uint32_t secondary_node,
+                           uint64_t repl_seq) {
+    int rc;
+    slot_t *sl = lock_slot(t, id, &rc);
+    if (!sl) return rc;
+    begin(sl);
+    fault(t, PYSHM_SFAULT_UPDATE);
+    sl->s.owner_node = owner_node;
+    sl->s.secondary_node = secondary_node;
+    sl->s.repl_seq = repl_seq;
     end(sl);
     unlock(t);
     return PYSHM_OK;

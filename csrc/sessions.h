@@ -5,10 +5,10 @@
  * probing; never more than half full).  One is current; a rehash (when
  * tombstones pile up) fills the other and flips.
  *
- * Concurrency: writers (create, update, end) take one robust process-shared
- * lock.  Readers take no lock: each slot has a sequence number, odd while a
- * writer changes it; a reader copies the slot and retries if the number
- * moved.  A table-wide generation moves when a rehash flips tables, and a
+ * Concurrency: writers (create, the field writers, end) take one robust
+ * process-shared lock.  Readers take no lock: each slot has a sequence
+ * number, odd while a writer changes it; a reader copies the slot and
+ * retries if the number moved.  A table-wide generation moves when a rehash flips tables, and a
  * lookup that saw it move starts over.
  *
  * Crash safety: a writer killed mid-update leaves the lock owner-dead; the
@@ -62,11 +62,22 @@ typedef struct {
     double expires;
 } pyshm_session_brief_t;
 int pyshm_sessions_brief(pyshm_sessions_t *t, const uint8_t *id, pyshm_session_brief_t *out);
-int pyshm_sessions_put(pyshm_sessions_t *t, const pyshm_session_t *s);                  /* replace fields */
+/* Writers of an entry's fields: each changes only its own fields, in one
+ * locked step, so writers from different processes never undo each other's
+ * changes.  Each returns PYSHM_ERR_NOTFOUND for an id not there. */
+/* Bound to worker `worker` (-1: none) of generation `worker_gen`. */
+int pyshm_sessions_bind(pyshm_sessions_t *t, const uint8_t *id, int32_t worker, uint64_t worker_gen);
+/* An access at `now`; the session expires at `expires` (0: never). */
 int pyshm_sessions_touch(pyshm_sessions_t *t, const uint8_t *id, double now, double expires);
-/* The session's state was saved as version `version` of closure `closure`. */
+/* The session's state was saved as version `version` of closure `closure`;
+ * with now >= 0 that was also an access (as touch), with now < 0 the times
+ * are left as they are. */
 int pyshm_sessions_saved(pyshm_sessions_t *t, const uint8_t *id, const char *closure, uint64_t version,
                          double now, double expires);
+/* The cluster's fields: the node owning the session, the node holding its
+ * replica, and the sequence number of the last change replicated. */
+int pyshm_sessions_cluster(pyshm_sessions_t *t, const uint8_t *id, uint32_t owner_node, uint32_t secondary_node,
+                           uint64_t repl_seq);
 int pyshm_sessions_remove(pyshm_sessions_t *t, const uint8_t *id);
 /* Ids (up to cap) of the sessions bound to worker `worker` (>= 0), expired
  * at `now` (PYSHM_SCAN_EXPIRED) or all (PYSHM_SCAN_ALL). */

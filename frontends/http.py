@@ -25,118 +25,29 @@ Framing (RFC 9112): every request gets exactly one answer.
   its path; pyshm.wsgi gives the application PATH_INFO /p, QUERY_STRING q
   and HTTP_HOST host (the target's authority overrides the Host header).
 
-Between this front-end and a WSGI worker (pyshm.wsgi) a request travels as
-`encode_request` and the answer as `encode_response`: a 4-byte length, a
-msgpack header, then the body bytes, so the body is read in place."""
+Between this front-end and a WSGI worker (pyshm.wsgi) requests and answers
+travel in the format of pyshm.http11, the codec both sides share: the
+worker renders every answer the application produced (500 when it failed),
+its status code passed as data; this front-end renders only the errors the
+manager originates (no worker in time, worker died, timed out, too large,
+shutting down) and its own refusals."""
 from __future__ import annotations
 
 import logging
-import struct
 import time
-from dataclasses import dataclass
-from email.utils import formatdate
 from http import HTTPStatus
 
 import httptools
-import msgpack
 
 from pyshm.frontend import (SHUTTING_DOWN, TIMED_OUT, TOO_LARGE, UNAVAILABLE, Event, FrontEnd, ProtocolError,
                             Request, Send)
+from pyshm.http11 import ANSWER, RequestHead, encode_request, read_answer, simple_parts, simple_response, split_target
 from pyshm.sizes import parse_size
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("pyshm.access")
-_LEN = struct.Struct(">I")
 FEED_PIECE = 8192     # bytes fed to the parser at a time, so header limits bite early
 VERSIONS = ("1.0", "1.1")
-
-
-# -- the wire format between front-end and worker --------------------------------------
-
-@dataclass
-class RequestHead:
-    method: str
-    target: bytes
-    version: str          # "1.1" or "1.0"
-    keep_alive: bool
-    headers: list[tuple[bytes, bytes]]
-    server: tuple[str, int]
-
-    def describe(self) -> str:
-        """How the log names the request: "GET /cart" (no query)."""
-        return f"{self.method} {split_target(self.target)[1][:200].decode('latin-1')}"
-
-
-def encode_request(head: RequestHead, body: bytes) -> bytes:
-    packed = msgpack.packb([head.method, head.target, head.version, head.keep_alive, head.headers,
-                            list(head.server)])
-    return _LEN.pack(len(packed)) + packed + body
-
-
-def decode_request(payload: memoryview) -> tuple[RequestHead, memoryview]:
-    (n,) = _LEN.unpack_from(payload)
-    method, target, version, keep_alive, headers, server = msgpack.unpackb(payload[4:4 + n])
-    return (RequestHead(method, target, version, keep_alive, [tuple(h) for h in headers], (server[0], server[1])),
-            payload[4 + n:])
-
-
-def split_target(target: bytes) -> tuple[bytes | None, bytes, bytes]:
-    """(authority, path, query) of a request target.  The authority is None
-    but for the absolute form (`http://host:port/path?query`, RFC 9112
-    §3.2.2), whose path is "/" when empty."""
-    authority = None
-    scheme, sep, rest = target.partition(b"://")
-    if sep and scheme.lower() in (b"http", b"https"):
-        cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
-        authority, target = rest[:cut].rpartition(b"@")[2], rest[cut:]
-        if not target.startswith(b"/"):
-            target = b"/" + target
-    path, _, query = target.partition(b"?")
-    return authority, path, query
-
-
-def render_response(head: RequestHead, status: str, headers: list[tuple[str, str]], chunks: list[bytes],
-                    streamed: bool) -> list[bytes]:
-    """The whole HTTP answer as parts to write one after another, built in
-    the worker (the manager only sends it).  streamed: the application gave
-    no Content-Length and yielded its body piece by piece: chunked on
-    HTTP/1.1.  Date and Server are added unless the application set them."""
-    lines = [f"HTTP/{head.version} {status}"]
-    seen = set()
-    for name, value in headers:
-        lname = name.lower()
-        if lname.encode() in _HOP:
-            continue
-        seen.add(lname)
-        lines.append(f"{name}: {value}")
-    code = int(status[:3])
-    bodiless = code in (204, 304) or 100 <= code < 200
-    chunked = False
-    if "content-length" not in seen and not bodiless:
-        if streamed and head.version == "1.1":
-            chunked = True
-            lines.append("transfer-encoding: chunked")
-        else:
-            lines.append(f"content-length: {sum(len(c) for c in chunks)}")
-    if "date" not in seen:
-        lines.append(f"date: {_date()}")
-    if "server" not in seen:
-        lines.append("server: pyshm")
-    if not head.keep_alive:
-        lines.append("connection: close")
-    elif head.version == "1.0":
-        lines.append("connection: keep-alive")
-    out = [("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")]
-    if head.method == "HEAD" or bodiless:
-        return out
-    if chunked:
-        for c in chunks:
-            if c:
-                out += [b"%x\r\n" % len(c), c, b"\r\n"]
-        out.append(b"0\r\n\r\n")
-    else:
-        out += chunks
-    return out
 
 
 # -- the front-end ---------------------------------------------------------------------------
@@ -153,27 +64,8 @@ class _Closed(Exception):
     connection, so nothing after it is parsed."""
 
 
-def simple_response(status: int, text: str, *, close: bool, version: str = "1.1") -> bytes:
-    body = (text + "\n").encode()
-    phrase = HTTPStatus(status).phrase
-    conn = "close" if close else "keep-alive"
-    return (f"HTTP/{version} {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            f"content-length: {len(body)}\r\nconnection: {conn}\r\ndate: {_date()}\r\n"
-            f"server: pyshm\r\n\r\n").encode() + body
-
-
-_date_cache = (0, "")
-
-
-def _date() -> str:
-    global _date_cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True))
-    return _date_cache[1]
-
-
-_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"proxy-connection"}
+_SKIP = ANSWER.size
+_COPY_MAX = 8192       # smaller answers are copied past ANSWER: cheaper than a memoryview
 _ERROR_STATUS = {UNAVAILABLE: 503, SHUTTING_DOWN: 503, TOO_LARGE: 413, TIMED_OUT: 504}
 
 
@@ -186,6 +78,7 @@ def _parse_error(e: httptools.HttpParserError) -> tuple[int, str]:
 
 class HttpFrontEnd(FrontEnd):
     name = "http"
+    interface = "wsgi"
     # Keep-alive connections idle 75 s at most (nginx's default); a request
     # has 30 s to arrive whole.
     defaults = {"max_header": 65536, "max_body": 16 << 20, "access_log": False, "idle_timeout": 75.0,
@@ -373,15 +266,21 @@ class HttpFrontEnd(FrontEnd):
     def keep_alive(self, request: Request) -> bool:
         return request.meta.keep_alive
 
-    def response(self, request: Request, body: bytes, *, error: str | None) -> bytes:
+    def response(self, request: Request, body: bytes, *, error: str | None) -> bytes | memoryview:
         head: RequestHead = request.meta
-        if error is not None:
-            status = _ERROR_STATUS.get(error, 500)
-            text = HTTPStatus(status).phrase if status == 500 else body.decode("utf-8", "replace")
-            body = simple_response(status, text, close=not head.keep_alive, version=head.version)
+        if error is None:
+            # The worker rendered it (pyshm.http11): ANSWER, then the bytes
+            # to send; a large answer is sent from where it is, not copied.
+            if self.access_log:
+                self._log(head, *read_answer(body))
+            return body[_SKIP:] if len(body) <= _COPY_MAX else memoryview(body)[_SKIP:]
+        # An error the manager originates; the worker answers the application's own (500) itself.
+        status = _ERROR_STATUS.get(error, 500)
+        text = HTTPStatus(status).phrase if status == 500 else body.decode("utf-8", "replace")
+        http_head, text_body = simple_parts(status, text, close=not head.keep_alive, version=head.version)
         if self.access_log:
-            self._log(head, int(body[9:12]), len(body) - body.find(b"\r\n\r\n") - 4)
-        return body   # the worker rendered it (render_response)
+            self._log(head, status, len(text_body))
+        return http_head + text_body
 
     def _log(self, head: RequestHead, status: int, size: int) -> None:
         host = self.peer.rsplit(":", 1)[0]

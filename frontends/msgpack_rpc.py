@@ -9,8 +9,9 @@ Malformed input (not msgpack, not one of these shapes, a message over
 max_message bytes or nested deeper than MAX_DEPTH levels) gets one error
 response [1, null, "<why>", null] and the connection is closed; so does a
 message not whole within request_timeout.  Between this front-end and a
-worker (pyshm.rpc) a call travels as msgpack [kind, method, params]; the
-worker answers with the msgpack-encoded result, or an error message.
+worker (pyshm.rpc) a call travels as msgpack [kind, method, params] (kind:
+pyshm.rpc_wire's REQUEST or NOTIFY); the worker answers with the
+msgpack-encoded result, or an error message.
 
 Memory: msgpack's unpacker preallocates a list for each array header it
 reads (an array32 header announces up to 2**32 elements in 5 bytes), so the
@@ -27,9 +28,8 @@ from dataclasses import dataclass
 import msgpack
 
 from pyshm.frontend import APP_ERROR, Event, FrontEnd, ProtocolError, Request
+from pyshm.rpc_wire import NOTIFY, REQUEST, RESPONSE
 from pyshm.sizes import parse_size
-
-REQUEST, RESPONSE, NOTIFY = 0, 1, 2
 
 #: The deepest nesting of arrays and maps a message may have.  It is
 #: msgpack's own (the fixed stack of its C unpacker, which its packer also
@@ -63,6 +63,7 @@ def decode_error(e: Exception) -> str:
 
 class MsgpackRpcFrontEnd(FrontEnd):
     name = "msgpack-rpc"
+    interface = "rpc"
     defaults = {"max_message": 16 << 20}
     ordered = False
 

@@ -106,7 +106,7 @@ def _demo_worker(args: argparse.Namespace) -> int:
     return demo.worker(args.heap, args.closure)
 
 
-def _serve_config(args: argparse.Namespace):
+def _serve_config(args: argparse.Namespace, interfaces: dict[str, str] | None = None):
     from pyshm import config as cfgmod
     from pyshm.errors import ConfigError
 
@@ -114,7 +114,7 @@ def _serve_config(args: argparse.Namespace):
         if args.app or args.tcp or args.http:
             raise ConfigError("give either -c FILE or an app with --tcp/--http, not both")
         # The worker-management flags given override every suite's settings.
-        return cfgmod.from_dict(_with_suite_flags(cfgmod.read(args.config), _suite_flags(args)))
+        return cfgmod.from_dict(_with_suite_flags(cfgmod.read(args.config), _suite_flags(args)), interfaces)
     if not args.app or not (args.tcp or args.http):
         raise ConfigError("pyshm serve needs -c pyshm.toml, or an app and a listener: "
                           "pyshm serve app:handle --tcp 127.0.0.1:7000, or myapp:app --http 127.0.0.1:8000")
@@ -130,7 +130,7 @@ def _serve_config(args: argparse.Namespace):
         data["instance"]["name"] = args.name
     if args.preload:
         data["instance"]["preload"] = args.preload
-    return cfgmod.from_dict(data)
+    return cfgmod.from_dict(data, interfaces)
 
 
 def _suite_flags(args: argparse.Namespace) -> dict:
@@ -148,10 +148,12 @@ def _with_suite_flags(data: dict, flags: dict) -> dict:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pyshm.frontend import Registry
     from pyshm.manager import ConnectionManager
 
-    config = _serve_config(args)
-    return _run(ConnectionManager(config).run())
+    registry = Registry.load()      # once: the configuration and the manager see the same front-ends
+    config = _serve_config(args, registry.interfaces())
+    return _run(ConnectionManager(config, registry).run())
 
 
 def _run(coro) -> int:

@@ -30,6 +30,7 @@ Every error names the key it is about (ConfigError).
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,6 @@ POLICIES = ("least-loaded", "round-robin")
 SUITE_KEYS = ("app", "workers", "policy", "interface", "distributed", "timeout", "max_requests",
               "max_requests_jitter", "max_rss")
 INTERFACES = ("handler", "wsgi", "rpc")
-FRONTEND_INTERFACE = {"http": "wsgi", "msgpack-rpc": "rpc"}   # others: handler
 
 
 @dataclass
@@ -194,18 +194,33 @@ def _listen(i: int, t: Any, suites: dict[str, SuiteConfig]) -> ListenConfig:
     return ListenConfig(frontend, host, port, suite, routes, options)
 
 
-def _infer_interfaces(suites: dict[str, SuiteConfig], listen: list[ListenConfig]) -> None:
+def installed_interfaces() -> dict[str, str]:
+    """The worker interface each installed front-end declares
+    (FrontEnd.interface), by name, from the entry points."""
+    from pyshm.frontend import Registry    # here, not at the top: only when no one passed them
+
+    return Registry.load().interfaces()
+
+
+def _infer_interfaces(suites: dict[str, SuiteConfig], listen: list[ListenConfig],
+                      interfaces: Mapping[str, str] | None) -> None:
     """A suite without `interface` takes the one its listeners' front-end
-    implies (http -> wsgi, others -> handler); they must agree."""
+    declares (`interfaces`, by front-end name: http -> wsgi, msgpack-rpc ->
+    rpc, others -> handler); they must agree."""
     for name, s in suites.items():
         if s.interface:
             continue
-        implied = {FRONTEND_INTERFACE.get(ls.frontend, "handler") for ls in listen
+        if interfaces is None:
+            interfaces = installed_interfaces()
+        implied = {interfaces.get(ls.frontend, "handler") for ls in listen
                    if ls.suite == name or any(r.suite == name for r in ls.routes)}
         if len(implied) > 1:
             raise ConfigError(f"suites.{name} is fed by front-ends that need different application "
                               f"interfaces ({', '.join(sorted(implied))}); set suites.{name}.interface")
         s.interface = implied.pop() if implied else "handler"
+        if s.interface not in INTERFACES:
+            raise ConfigError(f"suites.{name}: its front-end needs the application interface {s.interface!r}, "
+                              f"which pyshm workers do not have ({', '.join(INTERFACES)})")
     for name, s in suites.items():
         if s.interface != "rpc":
             _app(s.app, f"suites.{name}.app")   # only an RPC suite may name a module alone
@@ -216,7 +231,10 @@ def _infer_interfaces(suites: dict[str, SuiteConfig], listen: list[ListenConfig]
                               f"one command); only msgpack-RPC and raw TCP suites can be distributed")
 
 
-def from_dict(data: dict[str, Any]) -> Config:
+def from_dict(data: dict[str, Any], interfaces: Mapping[str, str] | None = None) -> Config:
+    """The checked configuration.  interfaces: the worker interface each
+    front-end needs, by name (pyshm.frontend.Registry.interfaces()), for the
+    suites that do not set one; by default the installed front-ends'."""
     unknown = set(data) - {"instance", "suites", "listen"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]} is not a section (instance, suites, listen)")
@@ -229,7 +247,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     if not listen_t:
         raise ConfigError("listen is empty: add a [[listen]] with frontend, address and suite")
     listen = [_listen(i, t, suites) for i, t in enumerate(listen_t)]
-    _infer_interfaces(suites, listen)
+    _infer_interfaces(suites, listen, interfaces)
     known = {"name", "heap_size", "slots", "inline_size", "graceful_timeout", "queue_timeout", "preload",
              "max_workers", "sessions", "session_ttl", "secure_cookies", "secret"}
     unknown = set(inst) - known
@@ -278,5 +296,5 @@ def read(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
 
 
-def load(path: str) -> Config:
-    return from_dict(read(path))
+def load(path: str, interfaces: Mapping[str, str] | None = None) -> Config:
+    return from_dict(read(path), interfaces)

@@ -82,6 +82,10 @@ class FrontEnd:
     response()."""
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    #: The worker interface the suites it feeds run (pyshm.worker): "handler"
+    #: (handle(request) -> bytes, the payload as this front-end made it),
+    #: "wsgi" or "rpc".  A suite without `interface` takes its front-end's.
+    interface: ClassVar[str] = "handler"
     #: Options every front-end has: seconds a connection may idle between
     #: requests, and seconds a started request has to arrive whole.
     common: ClassVar[dict[str, Any]] = {"idle_timeout": 300.0, "request_timeout": 60.0}
@@ -108,9 +112,10 @@ class FrontEnd:
         """The client closed its side.  Default: nothing more to do."""
         return []
 
-    def response(self, request: Request, body: bytes, *, error: str | None) -> bytes:
-        """The bytes that answer `request`: the application's answer, or
-        (error set to one of the kinds above) an error with `body` as message."""
+    def response(self, request: Request, body: bytes, *, error: str | None) -> bytes | memoryview:
+        """The bytes that answer `request` (any bytes-like object): the
+        application's answer, or (error set to one of the kinds above) an
+        error with `body` as message."""
         raise NotImplementedError
 
     def keep_alive(self, request: Request) -> bool:
@@ -142,6 +147,11 @@ class Registry:
                 continue
             reg.classes[ep.name] = fe
         return reg
+
+    def interfaces(self) -> dict[str, str]:
+        """The worker interface each front-end needs, by name: what
+        pyshm.config infers a suite's interface from."""
+        return {name: getattr(fe, "interface", "handler") for name, fe in self.classes.items()}
 
     def get(self, name: str) -> type[FrontEnd]:
         try:

@@ -1,11 +1,11 @@
 """HTTP sessions: non-distributed, one request one command.
 
 A signed cookie names the session; its entry is in the session table and
-its state is a closure in the heap ("session/<hex id>"), so the next request
-can go to any worker.  The application sees ``environ["pyshm.session"]``, a
-MutableMapping that loads on first use and is saved only when the request
-changed it.  A forged or tampered cookie, or one whose session expired or
-ended, starts a fresh session.
+its state is a closure in the heap (named by sessions.state_closure), so the
+next request can go to any worker.  The application sees
+``environ["pyshm.session"]``, a MutableMapping that loads on first use and
+is saved only when the request changed it.  A forged or tampered cookie, or
+one whose session expired or ended, starts a fresh session.
 
     cookie:  pyshm_session=<32 hex id>.<43 base64url HMAC-SHA256(secret, id)>
 """
@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from pyshm.errors import ClosureNotFound
 from pyshm.heap import SharedHeap
-from pyshm.sessions import SessionKind, SessionTable
+from pyshm.sessions import SessionKind, SessionTable, state_closure
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,6 @@ def _cookie_value(header: str, name: str) -> str | None:
         if sep and key == name:
             return value.strip('"')
     return None
-
-
-def closure_name(sid: bytes) -> str:
-    return f"session/{sid.hex()}"
 
 
 class SessionStore:
@@ -117,7 +113,7 @@ class HttpSession(MutableMapping):
                 self.id = sid
                 if brief[3]:            # a closure version: state was saved
                     try:
-                        self._data = self._store.heap.get(closure_name(sid))
+                        self._data = self._store.heap.get(state_closure(sid))
                     except ClosureNotFound:
                         pass
         return self._data
@@ -165,7 +161,7 @@ class HttpSession(MutableMapping):
             self.id = store.table.open(SessionKind.REQUEST, suite=store.suite, ttl=store.ttl).id
             headers.append(store.cookie(store.sign(self.id)))
         if self.modified:
-            name = closure_name(self.id)
+            name = state_closure(self.id)
             version = store.heap.put(name, self._data)
             if not store.table.saved(self.id, name, version, store.ttl):
                 store.heap.delete(name)      # ended meanwhile (logout in a parallel request)

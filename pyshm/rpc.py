@@ -32,11 +32,10 @@ import msgpack
 from pyshm import _codec
 from pyshm.errors import ClosureError, PyshmError, SessionLost, UnknownMethod
 from pyshm.heap import SharedHeap
-from pyshm.sessions import SessionTable
+from pyshm.rpc_wire import NOTIFY
+from pyshm.sessions import SessionTable, state_closure
 
 log = logging.getLogger(__name__)
-
-NOTIFY = 2
 
 
 class RpcRegistry:
@@ -162,7 +161,7 @@ class CallRunner:
         if not self.registry.restorable[name]:
             self.table.end(sid, self.heap)
             raise SessionLost(f"endpoint {name} is not restorable: its worker died, so the session ended")
-        state = self.heap.get(f"session/{sid.hex()}").get(name)
+        state = self.heap.get(state_closure(sid)).get(name)
         inst = cls.__new__(cls)
         if state is None:
             inst.__init__()
@@ -173,14 +172,10 @@ class CallRunner:
     def checkpoint(self, sid: bytes, eps: _Endpoints) -> None:
         state = {name: _shareable_attrs(obj) for name, obj in eps.objects.items()
                  if self.registry.restorable.get(name, True)}
-        name = f"session/{sid.hex()}"
+        name = state_closure(sid)
         version = self.heap.put(name, state)
-        entry = self.table.get(sid)
-        if entry is None:                 # ended meanwhile (the connection closed)
+        if not self.table.saved(sid, name, version, touch=False):   # ended meanwhile (the connection closed)
             self.heap.delete(name)
-            return
-        entry.closure, entry.closure_version = name, version
-        self.table.put(entry)
 
     def forget_ended(self) -> None:
         """Drops the instances of sessions that ended."""

@@ -6,10 +6,14 @@
     s = table.open(SessionKind.REQUEST, suite=0, ttl=1800)
     table.get(s.id)                                 # a copy, or None
     table.bind(s.id, worker=3, gen=7); table.touch(s.id, ttl=1800)
+    table.saved(s.id, state_closure(s.id), version)
     table.end(s.id)
 
 Entries hold flow state only (who is bound, when it expires, which closure
-holds the state); the state itself lives in the closure heap.
+holds the state); the state itself lives in the closure heap, in the
+closure named state_closure(id).  An entry is written only by its field
+writers (bind, touch, saved, cluster), each changing its own fields in one
+locked step: processes writing different fields never undo each other.
 """
 from __future__ import annotations
 
@@ -62,6 +66,11 @@ class SessionStats:
 def new_id() -> bytes:
     """128 bits from the OS CSPRNG."""
     return os.urandom(16)
+
+
+def state_closure(sid: bytes) -> str:
+    """The name of the heap closure holding session sid's state."""
+    return f"session/{sid.hex()}"
 
 
 class SessionTable:
@@ -126,36 +135,34 @@ class SessionTable:
             return None
         return b.worker, b.worker_gen, b.expires, b.closure_version
 
-    def put(self, s: Session) -> None:
-        """Writes every field of s back to its entry."""
-        self._fill(s)
-        self._check(lib.pyshm_sessions_put(self._ptr, self._c), "update")
+    # Field writers: each changes only its own fields; False if the session is gone.
 
-    def bind(self, sid: bytes, worker: int, gen: int) -> Session:
-        s = self._need(sid)
-        s.worker, s.worker_gen = worker, gen
-        self.put(s)
-        return s
+    def bind(self, sid: bytes, worker: int, gen: int) -> bool:
+        """Binds the session to worker `worker` (-1: none) of generation `gen`."""
+        return self._wrote(lib.pyshm_sessions_bind(self._ptr, self._id(sid), worker, gen), "bind")
 
     def touch(self, sid: bytes, ttl: float = 0.0, now: float | None = None) -> bool:
         """Marks an access (and pushes expiry ttl on); False if it is gone."""
         now = time.time() if now is None else now
-        rc = lib.pyshm_sessions_touch(self._ptr, self._id(sid), now, now + ttl if ttl else 0.0)
-        if rc == lib.PYSHM_ERR_NOTFOUND:
-            return False
-        self._check(rc, "touch")
-        return True
+        return self._wrote(lib.pyshm_sessions_touch(self._ptr, self._id(sid), now, now + ttl if ttl else 0.0),
+                           "touch")
 
-    def saved(self, sid: bytes, closure: str, version: int, ttl: float = 0.0) -> bool:
-        """Records that the session's state is `version` of `closure` (and
-        marks an access); False if the session is gone."""
-        now = time.time()
-        rc = lib.pyshm_sessions_saved(self._ptr, self._id(sid), closure.encode(), version, now,
-                                      now + ttl if ttl else 0.0)
-        if rc == lib.PYSHM_ERR_NOTFOUND:
-            return False
-        self._check(rc, "save")
-        return True
+    def saved(self, sid: bytes, closure: str, version: int, ttl: float = 0.0, *, touch: bool = True) -> bool:
+        """Records that the session's state is `version` of `closure` and,
+        with touch, marks an access (as touch(sid, ttl)); False if the
+        session is gone."""
+        name = closure.encode()
+        if len(name) >= 48:
+            raise ValueError(f"closure name {closure!r} is longer than 47 bytes")
+        now = time.time() if touch else -1.0
+        return self._wrote(lib.pyshm_sessions_saved(self._ptr, self._id(sid), name, version, now,
+                                                    now + ttl if touch and ttl else 0.0), "save")
+
+    def cluster(self, sid: bytes, owner_node: int, secondary_node: int, repl_seq: int) -> bool:
+        """Records the cluster's fields: the node owning the session, the
+        node holding its replica, the last change replicated."""
+        return self._wrote(lib.pyshm_sessions_cluster(self._ptr, self._id(sid), owner_node, secondary_node,
+                                                      repl_seq), "cluster")
 
     def end(self, sid: bytes, heap: Any = None) -> bool:
         """Frees the entry (and, given the heap, deletes its state closure);
@@ -167,11 +174,7 @@ class SessionTable:
                     heap.delete(entry.closure)
                 except KeyError:   # ClosureNotFound: deleted meanwhile
                     pass
-        rc = lib.pyshm_sessions_remove(self._ptr, self._id(sid))
-        if rc == lib.PYSHM_ERR_NOTFOUND:
-            return False
-        self._check(rc, "end")
-        return True
+        return self._wrote(lib.pyshm_sessions_remove(self._ptr, self._id(sid)), "end")
 
     def expired(self, now: float | None = None, limit: int = 4096) -> list[bytes]:
         return self._scan(time.time() if now is None else now, lib.PYSHM_SCAN_EXPIRED, limit)
@@ -208,11 +211,11 @@ class SessionTable:
         raw = ffi.buffer(buf, 16 * n)[:]
         return [raw[i:i + 16] for i in range(0, len(raw), 16)]
 
-    def _need(self, sid: bytes) -> Session:
-        s = self.get(sid)
-        if s is None:
-            raise KeyError(f"no session {sid.hex()}")
-        return s
+    def _wrote(self, rc: int, what: str) -> bool:
+        if rc == lib.PYSHM_ERR_NOTFOUND:
+            return False
+        self._check(rc, what)
+        return True
 
     @staticmethod
     def _id(sid: bytes) -> bytes:

@@ -103,7 +103,8 @@ class Worker:
         self.rpc: rpc.CallRunner | None = None
         if interface == "wsgi":
             self.sessions = SessionStore(SessionTable.attach(instance), self.heap, bytes.fromhex(reply["secret"]),
-                                         ttl=float(reply["session_ttl"]), secure=bool(reply["secure_cookies"]))
+                                         ttl=float(reply["session_ttl"]), secure=bool(reply["secure_cookies"]),
+                                         suite=int(reply.get("suite_index", 0)))
         elif interface == "rpc":
             self.rpc = rpc.CallRunner(app, SessionTable.attach(instance), self.heap)
         self.stopping = False

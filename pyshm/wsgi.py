@@ -1,19 +1,25 @@
 """Running a WSGI application (PEP 3333) in a worker.
 
-The request arrives as frontends/http.py encoded it, in shared memory:
-`wsgi.input` reads the body in place.  The whole answer is collected (the
-application's iterable is drained and closed) and rendered here as the
-complete HTTP answer (with a Content-Length, or chunked when the application
-streamed it without one): the manager only sends it."""
+The request arrives as the HTTP front-end encoded it (pyshm.http11), in
+shared memory: `wsgi.input` reads the body in place.  The whole answer is
+collected (the application's iterable is drained and closed) and rendered
+here as the complete HTTP answer (with a Content-Length, or chunked when the
+application streamed it without one), and so is the 500 when the
+application fails: the manager only sends it."""
 from __future__ import annotations
 
 import io
+import logging
 import sys
+import traceback
 from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
-from pyshm.frontends.http import RequestHead, decode_request, render_response, split_target
+from pyshm.errors import SessionTableFull
+from pyshm.http11 import RequestHead, decode_request, error_answer, render_response, split_target
 from pyshm.http_sessions import SessionStore
+
+log = logging.getLogger(__name__)
 
 
 class BodyInput(io.RawIOBase):
@@ -93,13 +99,27 @@ def environ_for(head: RequestHead, body: memoryview, peer: str) -> dict[str, Any
 
 
 def call(app: Callable[..., Any], payload: memoryview, peer: str, sessions: SessionStore | None = None) -> list[bytes]:
-    """Runs one request through `app`; returns the HTTP answer in parts.
-    With a session store, environ["pyshm.session"] is the client's session."""
+    """Runs one request through `app`; returns the answer in parts
+    (pyshm.http11: ANSWER, then the HTTP answer), a 500 when the
+    application raised.  With a session store, environ["pyshm.session"]
+    is the client's session; SessionTableFull (no room for one) propagates:
+    the server is unavailable, the application did not fail."""
     head, body = decode_request(payload)
     env = environ_for(head, body, peer)
     session = sessions.session_for(env.get("HTTP_COOKIE")) if sessions is not None else None
     if session is not None:
         env["pyshm.session"] = session
+    try:
+        return _run(app, env, head, session)
+    except SessionTableFull:
+        raise
+    except Exception:
+        log.error("application error in %s\n%s", head.describe(), traceback.format_exc())
+        return error_answer(head, 500)
+
+
+def _run(app: Callable[..., Any], env: dict[str, Any], head: RequestHead, session: Any) -> list[bytes]:
+    """The application's answer, rendered; raises what the application raised."""
     state: dict[str, Any] = {}
     chunks: list[bytes] = []
 

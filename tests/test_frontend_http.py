@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyshm.frontend import TIMED_OUT, ProtocolError, Request, Send
-from pyshm.frontends.http import FEED_PIECE, HttpFrontEnd, decode_request, render_response
-from pyshm.wsgi import BodyInput, environ_for
+from pyshm.frontends.http import FEED_PIECE, HttpFrontEnd
+from pyshm.http11 import ANSWER, decode_request, encode_request, render_response, simple_response
+from pyshm.wsgi import BodyInput, call, environ_for
 
 VALID = [
     b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -36,6 +37,15 @@ def requests(events: list) -> list[tuple]:
     """(head, body) of each Request, checking nothing else but Send came."""
     assert all(isinstance(e, (Request, Send)) for e in events), events
     return [(r.meta, bytes(decode_request(memoryview(r.payload))[1])) for r in events if isinstance(r, Request)]
+
+
+def sent(parts: list[bytes], status: int) -> bytes:
+    """What the client receives of a worker's answer (pyshm.http11): the
+    parts after ANSWER, which carries the status code and the head's length."""
+    http = b"".join(parts[1:])
+    assert ANSWER.unpack(parts[0]) == (status, http.find(b"\r\n\r\n") + 4)
+    assert http[8:13] == b" %d " % status
+    return http
 
 
 def refusal(events: list) -> bytes:
@@ -106,7 +116,7 @@ def test_where_input_is_split_does_not_change_the_requests(data, cuts):
 def test_head_and_http10_answers():
     fe = HttpFrontEnd()
     (req,) = [e for e in fe.receive(VALID[4]) if isinstance(e, Request)]
-    out = b"".join(render_response(req.meta, "200 OK", [("Content-Type", "text/plain")], [b"body!"], False))
+    out = sent(render_response(req.meta, "200 OK", [("Content-Type", "text/plain")], [b"body!"], False), 200)
     head, body = out.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.0 200 OK") and b"content-length: 5" in head and body == b""
     assert b"connection: close" in head and not fe.keep_alive(req)
@@ -115,12 +125,93 @@ def test_head_and_http10_answers():
 def test_streamed_answers_are_chunked_on_1_1_and_errors_map_to_statuses():
     fe = HttpFrontEnd()
     (req,) = fe.receive(VALID[0])
-    out = b"".join(render_response(req.meta, "200 OK", [], [b"ab", b"cde"], True))
+    out = sent(render_response(req.meta, "200 OK", [], [b"ab", b"cde"], True), 200)
     assert b"transfer-encoding: chunked" in out and out.endswith(b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n")
     assert fe.response(req, b"x", error="unavailable").startswith(b"HTTP/1.1 503 ")
     assert fe.response(req, b"secret traceback", error="application").startswith(b"HTTP/1.1 500 ")
     assert b"secret" not in fe.response(req, b"secret traceback", error="application")
 
+
+
+def test_the_workers_answer_is_sent_as_rendered_its_status_passed_as_data(caplog):
+    fe = HttpFrontEnd(access_log=True)
+    (req,) = fe.receive(VALID[0])
+    parts = render_response(req.meta, "404 Not Found", [("Content-Type", "text/plain")], [b"no", b"pe"], False)
+    with caplog.at_level("INFO", logger="pyshm.access"):
+        out = fe.response(req, b"".join(parts), error=None)
+    assert bytes(out) == sent(parts, 404)
+    assert caplog.records[-1].getMessage().endswith('"GET / HTTP/1.1" 404 4')
+    # The status and the head's length come from ANSWER, not from the bytes sent.
+    http = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc"
+    with caplog.at_level("INFO", logger="pyshm.access"):
+        assert bytes(fe.response(req, ANSWER.pack(299, len(http) - 3) + http, error=None)) == http
+    assert caplog.records[-1].getMessage().endswith('"GET / HTTP/1.1" 299 3')
+    with caplog.at_level("INFO", logger="pyshm.access"):
+        assert fe.response(req, b"timed out after 1 s", error=TIMED_OUT).endswith(b"\r\n\r\ntimed out after 1 s\n")
+    assert caplog.records[-1].getMessage().endswith('"GET / HTTP/1.1" 504 %d' % len(b"timed out after 1 s\n"))
+
+
+def _undated(http: bytes) -> bytes:
+    return b"\r\n".join(line for line in http.split(b"\r\n") if not line.startswith(b"date: "))
+
+
+def _boom(environ, start_response):
+    raise ValueError("secret")
+
+
+def _boom_late(environ, start_response):
+    start_response("200 OK", [])
+    yield b"partial"
+    raise ValueError("secret")
+
+
+def _no_start(environ, start_response):
+    return [b"x"]
+
+
+@pytest.mark.parametrize("app", [_boom, _boom_late, _no_start])
+@pytest.mark.parametrize("request_bytes", [VALID[0], VALID[4]])
+def test_an_application_failure_is_the_500_the_front_end_would_render_rendered_in_the_worker(
+        app, request_bytes, caplog):
+    fe = HttpFrontEnd()
+    (req,) = [e for e in fe.receive(request_bytes) if isinstance(e, Request)]
+    with caplog.at_level("ERROR", logger="pyshm.wsgi"):
+        parts = call(app, memoryview(req.payload), "1.2.3.4:5")
+    http = sent(parts, 500)
+    assert b"secret" not in http and "application error in" in caplog.text
+    assert _undated(http) == _undated(fe.response(req, b"secret traceback", error="application"))
+    assert _undated(http) == _undated(simple_response(500, "Internal Server Error", close=not req.meta.keep_alive,
+                                                      version=req.meta.version))
+
+
+def test_a_full_session_table_is_not_the_applications_failure():
+    """SessionTableFull goes to the worker, which answers 'unavailable' (503)."""
+    from pyshm.errors import SessionTableFull
+
+    class Full:
+        def session_for(self, cookie):
+            raise SessionTableFull("no room")
+
+    (req,) = HttpFrontEnd().receive(VALID[0])
+    with pytest.raises(SessionTableFull):
+        call(lambda env, sr: [b""], memoryview(req.payload), "1.2.3.4:5", Full())
+
+
+def test_the_worker_side_imports_no_front_end():
+    import subprocess
+    import sys
+
+    code = ("import sys, pyshm.worker, pyshm.wsgi, pyshm.rpc; "
+            "print(sorted(m for m in sys.modules if m.startswith('pyshm.frontends')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_request_travels_to_the_worker_as_encoded():
+    (req,) = HttpFrontEnd().receive(VALID[1])
+    head, body = decode_request(memoryview(req.payload))
+    assert head == req.meta and bytes(body) == b"hello"
+    assert encode_request(head, b"hello") == req.payload
 
 
 # -- framing (RFC 9112) --------------------------------------------------------------------------
@@ -209,10 +300,10 @@ def test_timed_out_is_504_with_the_managers_message():
 def test_date_and_server_come_once_the_applications_own_first():
     (req,) = HttpFrontEnd().receive(VALID[0])
     own = [("DATE", "Mon, 01 Jan 2024 00:00:00 GMT"), ("server", "myapp/1")]
-    head = b"".join(render_response(req.meta, "200 OK", own, [b"x"], False)).split(b"\r\n\r\n")[0].lower()
+    head = sent(render_response(req.meta, "200 OK", own, [b"x"], False), 200).split(b"\r\n\r\n")[0].lower()
     assert head.count(b"\r\ndate: ") == 1 and b"date: mon, 01 jan 2024" in head
     assert head.count(b"\r\nserver: ") == 1 and b"server: myapp/1" in head
-    head = b"".join(render_response(req.meta, "200 OK", [], [b"x"], False)).split(b"\r\n\r\n")[0]
+    head = sent(render_response(req.meta, "200 OK", [], [b"x"], False), 200).split(b"\r\n\r\n")[0]
     assert head.count(b"\r\ndate: ") == 1 and head.count(b"\r\nserver: pyshm") == 1
 
 

@@ -129,6 +129,36 @@ def test_the_fuzz_covers_every_built_in_front_end():
     assert builtin == set(FRONT_ENDS)
 
 
+def test_each_front_end_declares_the_worker_interface_it_needs():
+    interfaces = Registry.load().interfaces()
+    assert {n: interfaces[n] for n in FRONT_ENDS} == {"http": "wsgi", "msgpack-rpc": "rpc", "tcp": "handler"}
+
+
+def test_a_suite_takes_the_interface_its_front_ends_declare():
+    """The configuration infers a suite's interface from the mapping its
+    builder passes (a third party's front-end declares its own), else from
+    the installed front-ends."""
+    from pyshm.config import from_dict
+    from pyshm.errors import ConfigError
+
+    def cfg(*frontends: str, interface: str | None = None) -> dict:
+        suite = {"app": "mod:app", **({"interface": interface} if interface else {})}
+        return {"suites": {"s": suite},
+                "listen": [{"frontend": fe, "address": f"127.0.0.1:{7000 + i}", "suite": "s"}
+                           for i, fe in enumerate(frontends)]}
+
+    assert from_dict(cfg("http")).suites["s"].interface == "wsgi"
+    assert from_dict(cfg("msgpack-rpc")).suites["s"].interface == "rpc"
+    assert from_dict(cfg("tcp")).suites["s"].interface == "handler"
+    assert from_dict(cfg("lines"), {"lines": "rpc"}).suites["s"].interface == "rpc"
+    assert from_dict(cfg("lines"), {}).suites["s"].interface == "handler"
+    assert from_dict(cfg("http", "tcp", interface="handler"), {}).suites["s"].interface == "handler"
+    with pytest.raises(ConfigError, match="different application interfaces"):
+        from_dict(cfg("http", "tcp"))
+    with pytest.raises(ConfigError, match="interface 'grpc'"):
+        from_dict(cfg("lines"), {"lines": "grpc"})
+
+
 def mutated(seeds: list[bytes]):
     """A few seeds pipelined, then bytes inserted, deleted or overwritten."""
     edit = st.tuples(st.integers(0, 400), st.integers(0, 4), st.binary(max_size=6))

@@ -7,7 +7,7 @@ import time
 import httpx
 
 from pyshm.heap import SharedHeap
-from pyshm.sessions import SessionTable
+from pyshm.sessions import SessionKind, SessionTable, state_closure
 from server_util import free_port, one_suite, quiescent, status
 
 
@@ -158,3 +158,40 @@ def test_cookie_signature_and_flags():
     assert store.verify(value.replace(sid.hex(), bytes(16).hex())) is None
     name, header = store.cookie(value)
     assert name == "Set-Cookie" and "Secure" in header and "HttpOnly" in header
+
+
+def test_a_session_is_recorded_under_its_own_suite(serve):
+    """The HTTP suite is the second of the configuration: its sessions'
+    entries say suite 1 (its index among the suites, as the manager counts)."""
+    tcp_port, port = free_port(), free_port()
+    body = f"""
+[suites.first]
+app = "apps:suite_a"
+workers = 1
+
+[suites.web]
+app = "wsgi_apps:counter"
+workers = 1
+
+[[listen]]
+frontend = "tcp"
+address = "127.0.0.1:{tcp_port}"
+suite = "first"
+
+[[listen]]
+frontend = "http"
+address = "127.0.0.1:{port}"
+suite = "web"
+"""
+    srv = serve(body, tcp_port)
+    srv.wait_listening(port)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        assert client.get("/").text.split()[0] == "1"
+        sid = bytes.fromhex(client.cookies["pyshm_session"].partition(".")[0])
+    table = SessionTable.attach(srv.name)
+    try:
+        entry = table.get(sid)
+        assert entry is not None and entry.kind == SessionKind.REQUEST and entry.suite == 1
+        assert entry.closure == state_closure(sid) and entry.closure_version
+    finally:
+        table.close()
