@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from pyshm import worker
+from pyshm import application
 from pyshm.demo import make_catalog
 from pyshm.heap import SharedHeap
 
@@ -24,12 +24,12 @@ def setup(heap: SharedHeap) -> None:
     heap.put("catalog", make_catalog(ITEMS))
 
 
-def handle(request: worker.Request) -> bytes:
+def handle(request: application.FrameRequest) -> bytes:
     query = bytes(request.payload).decode("utf-8", "replace").strip()
-    with worker.heap().map("catalog") as catalog:
+    with application.heap().map("catalog") as catalog:
         if query == "stats":
             return json.dumps({"items": catalog["meta"]["items"], "worker_pid": os.getpid(),
-                               "closure_version": worker.heap().version("catalog")}).encode()
+                               "closure_version": application.heap().version("catalog")}).encode()
         item = catalog["items"].get(query)
         if item is None:
             raise KeyError(f"no product {query!r} (try sku-0000042 or stats)")

@@ -35,7 +35,7 @@ from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RESP_UNAVAILABLE, RUNNING, Re
 from pyshm.sessions import SessionKind, SessionTable
 from pyshm.supervisor import Refused, Supervisor
 from pyshm.transport import Connection
-from pyshm.worker import import_app
+from pyshm.application import import_app
 
 log = logging.getLogger(__name__)
 

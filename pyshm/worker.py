@@ -7,25 +7,21 @@ Workers attach the instance's segments by name and share no Python objects
 with the manager, so the supervisor starts them this way and so can anyone
 else (they then join the suite's pool until they exit).
 
-The application interface of a raw-frame suite is a plain function
-``handle(request) -> bytes``; `request` is a `Request` (payload, session,
-peer).  The payload is a read-only memoryview of the request in shared
-memory, valid during the call.
+This module is the process loop only; what applications see (heap(),
+FrameRequest) and how they are loaded (import_app) is pyshm.application.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import logging
 import os
 import signal
 import sys
 import traceback
-from dataclasses import dataclass
 from typing import Any, Callable
 
-from pyshm import control, procmem, rpc, wsgi
+from pyshm import application, control, procmem, rpc, wsgi
+from pyshm.application import FrameRequest, import_app
 from pyshm.errors import HeapCorrupt, PyshmError, SessionTableFull, StaleWorker
 from pyshm.heap import SharedHeap
 from pyshm.http_sessions import SessionStore
@@ -35,59 +31,14 @@ from pyshm.sessions import SessionTable
 
 log = logging.getLogger(__name__)
 
-_heap: SharedHeap | None = None
-
-
-def heap() -> SharedHeap:
-    """The instance's closure heap, from inside an application."""
-    if _heap is None:
-        raise RuntimeError("pyshm.worker.heap() is only available inside a worker process")
-    return _heap
-
-
-@dataclass
-class Request:
-    payload: memoryview
-    session: bytes | None
-    peer: str
-
-
 class _Quiet(Exception):
     """An error answer that is not worth a traceback in the log."""
-
-
-def import_app(spec: str, interface: str = "handler") -> Any:
-    """The object `module:attribute` names, imported as a server would: the
-    current directory first on the path."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    mod, _, attr = spec.partition(":")
-    obj: Any = importlib.import_module(mod)
-    if interface == "rpc":
-        obj = getattr(obj, attr) if attr else rpc.methods
-        if not isinstance(obj, rpc.RpcRegistry):
-            raise TypeError(f"{spec} is not a pyshm.RpcRegistry")
-        return obj
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{spec} is not callable")
-    if interface == "wsgi" and _is_asgi(obj):
-        raise TypeError(f"{spec} is an ASGI application (async, called with scope, receive, send); pyshm serves "
-                        f"WSGI applications over HTTP: give it a WSGI app (Flask, Django's get_wsgi_application())")
-    return obj
-
-
-def _is_asgi(app: Any) -> bool:
-    """An async callable: a coroutine function, or an object whose __call__ is one."""
-    return inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(getattr(type(app), "__call__", None))
 
 
 class Worker:
     TAKE_TIMEOUT_MS = 200   # how often an idle worker looks at its control socket
 
     def __init__(self, instance: str, suite: str, app: Callable[..., Any], interface: str = "handler") -> None:
-        global _heap
         self.instance = instance
         self.suite = suite
         self.app = app
@@ -98,7 +49,8 @@ class Worker:
         self.index, self.gen = int(reply["index"]), int(reply["gen"])
         self.ctl.setblocking(False)
         self.rm = RequestMemory.attach(request_segment(instance))
-        self.heap = _heap = SharedHeap.attach(heap_segment(instance))
+        self.heap = SharedHeap.attach(heap_segment(instance))
+        application.set_heap(self.heap)
         self.sessions = None
         self.rpc: rpc.CallRunner | None = None
         if interface == "wsgi":
@@ -162,7 +114,7 @@ class Worker:
         self.respond(info.slot, body, flags)
 
     def _call_handler(self, payload: memoryview, info: SlotInfo) -> bytes:
-        body = self.app(Request(payload, info.session if any(info.session) else None, info.peer))
+        body = self.app(FrameRequest(payload, info.session if any(info.session) else None, info.peer))
         if not isinstance(body, (bytes, bytearray, memoryview)):
             raise TypeError(f"the application returned {type(body).__name__}, not bytes")
         return body
@@ -248,8 +200,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the importable module's main, not this __main__ copy's, so that
-    # applications calling pyshm.worker.heap() see the state it sets.
-    from pyshm import worker as _worker
-
-    sys.exit(_worker.main())
+    sys.exit(main())

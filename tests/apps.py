@@ -13,10 +13,10 @@ def echo(request) -> bytes:
     if data == b"sid":
         return request.session.hex().encode() if request.session else b"none"
     if data.startswith(b"msleep:"):       # sleeps holding a pin on the closure "data"
-        from pyshm import worker
+        from pyshm import application
 
         _, secs, tag = data.split(b":", 2)
-        with worker.heap().map("data") as view:
+        with application.heap().map("data") as view:
             time.sleep(float(secs))
             return b"%d:%s:%d" % (os.getpid(), tag, view["n"])
     if data.startswith(b"sleep:"):
