@@ -42,6 +42,7 @@ import httptools
 from pyshm.frontend import (SHUTTING_DOWN, TIMED_OUT, TOO_LARGE, UNAVAILABLE, Event, FrontEnd, ProtocolError,
                             Request, Send)
 from pyshm.http11 import ANSWER, RequestHead, encode_request, read_answer, simple_parts, simple_response, split_target
+from pyshm.session_cookie import COOKIE_BYTES, cookie_value
 from pyshm.sizes import parse_size
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,16 @@ class HttpFrontEnd(FrontEnd):
                   and not self._replaying):
                 self._events.append(Send(b"HTTP/1.1 100 Continue\r\n\r\n"))
 
+    def _session_claim(self) -> bytes | None:
+        """The session cookie's value, for the manager to verify (it places
+        the request by its session); None without one."""
+        for name, value in self._headers:
+            if len(name) == 6 and name.lower() == b"cookie" and COOKIE_BYTES in value:
+                claim = cookie_value(value)
+                if claim:
+                    return claim
+        return None
+
     def on_body(self, body: bytes) -> None:
         if len(self._body) + len(body) > self.max_body:
             self._refuse(413, f"request body over the limit of {self.max_body} bytes")
@@ -254,7 +265,8 @@ class HttpFrontEnd(FrontEnd):
         url = self._url
         path = url.partition(b"?")[0] if url[:1] == b"/" else split_target(url)[1]   # origin form first
         head = RequestHead(method, url, version, keep_alive, self._headers, self.server)
-        self._events.append(Request(encode_request(head, bytes(self._body)), route=path, meta=head))
+        self._events.append(Request(encode_request(head, bytes(self._body)), route=path, meta=head,
+                                    claim=self._session_claim()))
         self._reset()
         if not keep_alive:
             self._dead = True      # nothing after a request that closes the connection is parsed

@@ -38,6 +38,7 @@ class Request:
     session: bytes | None = None
     meta: Any = None
     label: str = ""
+    claim: bytes | None = None      # a session token the client presented (HTTP: the session cookie's value)
 
     def describe(self) -> str:
         """The label; else the meta's describe() (computed only when a log

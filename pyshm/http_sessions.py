@@ -8,11 +8,12 @@ is saved only when the request changed it.  A forged or tampered cookie, or
 one whose session expired or ended, starts a fresh session.
 
     cookie:  pyshm_session=<32 hex id>.<43 base64url HMAC-SHA256(secret, id)>
+
+The manager verifies the cookie (pyshm.session_cookie) and passes the
+verified id with the request; the worker signs new ones.
 """
 from __future__ import annotations
 
-import base64
-import hmac
 import logging
 import time
 from collections.abc import MutableMapping
@@ -20,22 +21,10 @@ from typing import Any, Iterator
 
 from pyshm.errors import ClosureNotFound
 from pyshm.heap import SharedHeap
+from pyshm.session_cookie import COOKIE, CookieSigner
 from pyshm.sessions import SessionKind, SessionTable, state_closure
 
 log = logging.getLogger(__name__)
-
-COOKIE = "pyshm_session"
-
-
-def _cookie_value(header: str, name: str) -> str | None:
-    """The value of cookie `name` in a Cookie header (RFC 6265: pairs
-    separated by "; "), without SimpleCookie's cost."""
-    for pair in header.split(";"):
-        key, sep, value = pair.strip().partition("=")
-        if sep and key == name:
-            return value.strip('"')
-    return None
-
 
 class SessionStore:
     """What a worker needs to load and save HTTP sessions."""
@@ -44,39 +33,15 @@ class SessionStore:
                  secure: bool = False, suite: int = 0) -> None:
         self.table, self.heap, self.secret = table, heap, secret
         self.ttl, self.secure, self.suite = ttl, secure, suite
-        self._verified: dict[str, bytes] = {}
+        self.signer = CookieSigner(secret)
 
     def sign(self, sid: bytes) -> str:
-        mac = hmac.digest(self.secret, sid, "sha256")    # the one-shot C path
-        return f"{sid.hex()}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+        return self.signer.sign(sid)
 
-    def verify(self, value: str) -> bytes | None:
-        """The session id a cookie value carries, or None if it is not ours.
-        Verified values are remembered (the secret does not change while
-        the worker runs), so a returning client costs one dict lookup."""
-        sid = self._verified.get(value)
-        if sid is not None:
-            return sid
-        sid = self._verify(value)
-        if sid is not None:
-            if len(self._verified) >= 4096:
-                self._verified.clear()
-            self._verified[value] = sid
-        return sid
-
-    def _verify(self, value: str) -> bytes | None:
-        hexid, _, sig = value.partition(".")
-        try:
-            sid = bytes.fromhex(hexid)
-        except ValueError:
-            return None
-        if len(sid) != 16 or not hmac.compare_digest(self.sign(sid), value):
-            return None
-        return sid
-
-    def session_for(self, cookie_header: str | None) -> HttpSession:
-        value = _cookie_value(cookie_header, COOKIE) if cookie_header else None
-        return HttpSession(self, self.verify(value) if value else None)
+    def session_for(self, sid: bytes | None) -> HttpSession:
+        """The request's session: `sid` is the id the manager verified from
+        its cookie (None: no valid cookie)."""
+        return HttpSession(self, sid)
 
     def end(self, sid: bytes) -> None:
         """Removes entry and closure (logout, invalidate)."""

@@ -32,6 +32,7 @@ from pyshm.procmem import resident_bytes
 from pyshm.native import heap_segment, request_segment, session_segment
 from pyshm.native import unlink as unlink_segment
 from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RESP_UNAVAILABLE, RUNNING, RequestMemory
+from pyshm.session_cookie import CookieSigner
 from pyshm.sessions import SessionKind, SessionTable
 from pyshm.supervisor import Refused, Supervisor
 from pyshm.transport import Connection
@@ -116,6 +117,7 @@ class ConnectionManager:
         self.rm: RequestMemory | None = None
         self.sessions: SessionTable | None = None
         self.secret = config.secret.encode() if config.secret else os.urandom(32)
+        self.cookies = CookieSigner(self.secret)
         self.wake_fd = -1
         self.free_slots: list[int] = []
         self._to_wake: set[int] = set()
@@ -286,6 +288,8 @@ class ConnectionManager:
                 reply(client.session_error.encode(), UNAVAILABLE)
                 return
             request.session = client.session
+        elif request.claim is not None:
+            request.session = self.cookies.verify(request.claim)   # None: forged or another secret's
         self._seq += 1
         p = Pending(suite, request, client.peer, reply, time.monotonic(), self._seq)
         queue = self.backlog[suite]

@@ -120,7 +120,7 @@ class Worker:
         return body
 
     def _call_wsgi(self, payload: memoryview, info: SlotInfo) -> list[bytes]:
-        return wsgi.call(self.app, payload, info.peer, self.sessions)
+        return wsgi.call(self.app, payload, info.peer, self.sessions, info.session if any(info.session) else None)
 
     def _call_rpc(self, payload: memoryview, info: SlotInfo) -> bytes:
         try:

@@ -98,15 +98,17 @@ def environ_for(head: RequestHead, body: memoryview, peer: str) -> dict[str, Any
     return env
 
 
-def call(app: Callable[..., Any], payload: memoryview, peer: str, sessions: SessionStore | None = None) -> list[bytes]:
+def call(app: Callable[..., Any], payload: memoryview, peer: str, sessions: SessionStore | None = None,
+         sid: bytes | None = None) -> list[bytes]:
     """Runs one request through `app`; returns the answer in parts
     (pyshm.http11: ANSWER, then the HTTP answer), a 500 when the
     application raised.  With a session store, environ["pyshm.session"]
-    is the client's session; SessionTableFull (no room for one) propagates:
+    is the client's session (sid: the id the manager verified from its
+    cookie); SessionTableFull (no room for one) propagates:
     the server is unavailable, the application did not fail."""
     head, body = decode_request(payload)
     env = environ_for(head, body, peer)
-    session = sessions.session_for(env.get("HTTP_COOKIE")) if sessions is not None else None
+    session = sessions.session_for(sid) if sessions is not None else None
     if session is not None:
         env["pyshm.session"] = session
     try:

@@ -154,8 +154,10 @@ def test_cookie_signature_and_flags():
     other = SessionStore(None, None, b"j" * 32)
     sid = bytes(range(16))
     value = store.sign(sid)
-    assert store.verify(value) == sid and other.verify(value) is None      # another secret: not ours
-    assert store.verify(value.replace(sid.hex(), bytes(16).hex())) is None
+    assert store.signer.verify(value.encode()) == sid                                # the manager's check
+    assert other.signer.verify(value.encode()) is None                                # another secret: not ours
+    assert store.signer.verify(value.replace(sid.hex(), bytes(16).hex()).encode()) is None
+    assert store.signer.verify(b"zz" + value.encode()[2:]) is None and store.signer.verify(b"") is None
     name, header = store.cookie(value)
     assert name == "Set-Cookie" and "Secure" in header and "HttpOnly" in header
 
@@ -195,3 +197,18 @@ suite = "web"
         assert entry.closure == state_closure(sid) and entry.closure_version
     finally:
         table.close()
+
+
+def test_the_front_end_passes_the_cookie_and_the_manager_verifies_it():
+    """The HTTP front-end lifts the session cookie's value out of the headers
+    (any Cookie header, among other cookies) for the manager to verify."""
+    from pyshm.frontends.http import HttpFrontEnd
+    from pyshm.session_cookie import CookieSigner
+
+    signer = CookieSigner(b"s" * 32)
+    value = signer.sign(bytes(range(16)))
+    (req,) = HttpFrontEnd().receive(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: theme=dark\r\n"
+                                    b"Cookie: a=1; pyshm_session=" + value.encode() + b"; b=2\r\n\r\n")
+    assert req.claim == value.encode() and signer.verify(req.claim) == bytes(range(16))
+    (req,) = HttpFrontEnd().receive(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: pyshm_sessionx=1\r\n\r\n")
+    assert req.claim is None
