@@ -290,6 +290,8 @@ class HttpFrontEnd(FrontEnd):
         status = _ERROR_STATUS.get(error, 500)
         text = HTTPStatus(status).phrase if status == 500 else body.decode("utf-8", "replace")
         http_head, text_body = simple_parts(status, text, close=not head.keep_alive, version=head.version)
+        if head.method == "HEAD":
+            text_body = b""     # its Content-Length says what a GET would carry
         if self.access_log:
             self._log(head, status, len(text_body))
         return http_head + text_body

@@ -20,7 +20,7 @@ import struct
 from typing import Any, Callable, Protocol
 
 from pyshm import control
-from pyshm.errors import SegmentExists
+from pyshm.errors import PyshmError, SegmentExists
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,8 @@ class ControlServer:
             return
         try:
             for msg in conn.lines.feed(data):
+                if conn.closed:
+                    return              # a message before this one closed it
                 if conn.owner is not None:
                     continue            # a joined worker only ever closes
                 if "hello" in msg:
@@ -140,8 +142,8 @@ class ControlServer:
                 elif msg.get("status"):
                     self._answer_status(conn)
                     return
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("bad control message: %s", e)
+        except (ValueError, KeyError, TypeError, OSError, PyshmError) as e:
+            log.warning("bad control message or a failed join: %s", e)
             self.close(conn)
 
     def _answer_status(self, conn: ControlConn) -> None:

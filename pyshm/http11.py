@@ -126,6 +126,8 @@ def error_answer(head: RequestHead, status: int) -> list[bytes]:
     """The worker's answer when the application failed (500): the same bytes
     the front-end renders for an error it originates, after ANSWER."""
     http_head, body = simple_parts(status, HTTPStatus(status).phrase, close=not head.keep_alive, version=head.version)
+    if head.method == "HEAD":
+        body = b""          # its Content-Length says what a GET would carry
     return [ANSWER.pack(status, len(http_head)), http_head, body]
 
 

@@ -33,7 +33,7 @@ class SessionStore:
                  secure: bool = False, suite: int = 0) -> None:
         self.table, self.heap, self.secret = table, heap, secret
         self.ttl, self.secure, self.suite = ttl, secure, suite
-        self.signer = CookieSigner(secret)
+        self.signer = CookieSigner(secret, suite)
 
     def sign(self, sid: bytes) -> str:
         return self.signer.sign(sid)

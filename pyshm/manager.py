@@ -117,7 +117,8 @@ class ConnectionManager:
         self.rm: RequestMemory | None = None
         self.sessions: SessionTable | None = None
         self.secret = config.secret.encode() if config.secret else os.urandom(32)
-        self.cookies = CookieSigner(self.secret)
+        # HTTP session cookies are signed per suite: one suite's cookie is no key to another's sessions.
+        self.cookies = {name: CookieSigner(self.secret, i) for i, name in enumerate(config.suites)}
         self.wake_fd = -1
         self.free_slots: list[int] = []
         self._to_wake: set[int] = set()
@@ -288,8 +289,8 @@ class ConnectionManager:
                 reply(client.session_error.encode(), UNAVAILABLE)
                 return
             request.session = client.session
-        elif request.claim is not None:
-            request.session = self.cookies.verify(request.claim)   # None: forged or another secret's
+        else:   # only an id the manager verified reaches a worker: None for a forged or foreign cookie
+            request.session = self.cookies[suite].verify(request.claim) if request.claim is not None else None
         self._seq += 1
         p = Pending(suite, request, client.peer, reply, time.monotonic(), self._seq)
         queue = self.backlog[suite]
@@ -616,8 +617,9 @@ class ConnectionManager:
             raise Refused(f"no suite {suite!r}")
         if not self.free_indices:
             raise Refused("no free worker index (instance.max_workers)")
-        index = self.free_indices.pop()
-        gen = self.rm.bind_worker(index, pid, start)
+        index = self.free_indices[-1]
+        gen = self.rm.bind_worker(index, pid, start)     # (raises: the index stays free)
+        self.free_indices.pop()
         cfg = self.config
         reply = {"index": index, "gen": gen, "secret": self.secret.hex(), "session_ttl": cfg.session_ttl,
                  "secure_cookies": cfg.secure_cookies, "suite_index": self.suite_index[suite]}

@@ -30,12 +30,16 @@ def cookie_value(header: bytes | str, name: bytes | str = COOKIE_BYTES) -> bytes
 
 
 class CookieSigner:
-    def __init__(self, secret: bytes) -> None:
-        self.secret = secret
+    """Signs and verifies the session cookies of one suite: its key is
+    derived from the instance secret and the suite's index, so a cookie of
+    one suite opens no session of another."""
+
+    def __init__(self, secret: bytes, suite: int = 0) -> None:
+        self.key = hmac.digest(secret, b"pyshm session cookie, suite %d" % suite, "sha256")
         self._verified: dict[bytes, bytes] = {}
 
     def sign(self, sid: bytes) -> str:
-        mac = hmac.digest(self.secret, sid, "sha256")    # the one-shot C path
+        mac = hmac.digest(self.key, sid, "sha256")    # the one-shot C path
         return f"{sid.hex()}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
 
     def verify(self, value: bytes) -> bytes | None:

@@ -158,6 +158,8 @@ def test_cookie_signature_and_flags():
     assert other.signer.verify(value.encode()) is None                                # another secret: not ours
     assert store.signer.verify(value.replace(sid.hex(), bytes(16).hex()).encode()) is None
     assert store.signer.verify(b"zz" + value.encode()[2:]) is None and store.signer.verify(b"") is None
+    suite1 = SessionStore(None, None, b"k" * 32, suite=1)     # same secret, another suite: not its cookie
+    assert suite1.signer.verify(value.encode()) is None and suite1.signer.verify(suite1.sign(sid).encode()) == sid
     name, header = store.cookie(value)
     assert name == "Set-Cookie" and "Secure" in header and "HttpOnly" in header
 

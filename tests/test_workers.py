@@ -398,3 +398,21 @@ def test_shutdown_past_the_grace_answers_everything_and_reuses_no_running_slot(s
     assert srv.proc.wait(timeout=20) == 0
     out = srv.output()
     assert "rebound" not in out and "another process" not in out, out
+
+
+def test_a_control_connection_refused_mid_batch_harms_nothing(serve):
+    """Two hellos in one write, the first refused (the pid is not the
+    sender's): the connection closes after the first; the manager goes on."""
+    import json
+
+    port = free_port()
+    srv = serve(one_suite("tcp", port, "worker_apps:handle", workers=1), port)
+    hello = json.dumps({"hello": {"pid": 1, "start": 0, "suite": "main"}}).encode() + b"\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(control.address(srv.name))
+        s.sendall(hello * 2)
+        assert s.recv(100) == b""                        # closed, nothing granted
+    st = idle_and_free(srv.name)
+    assert len(st["workers"]) == 1 and FrameClient(port).call(b"x") == (False, b"x")
+    assert "Traceback" not in srv.output() and "Exception in callback" not in srv.output()
