@@ -108,6 +108,7 @@ class HttpFrontEnd(FrontEnd):
         self._body = bytearray()
         self._header_bytes = 0     # bytes of the header section seen in whole pieces (a lower bound)
         self._transfer_encoding = False   # the request has a Transfer-Encoding header
+        self._claim: bytes | None = None  # the session cookie's value, for the manager to verify
 
     def connection_made(self, peer: str, server: tuple[str, int]) -> None:
         self.peer, self.server = peer, server
@@ -233,19 +234,11 @@ class HttpFrontEnd(FrontEnd):
                     self._refuse(413, f"request body of {int(value)} bytes is over the limit of {self.max_body}")
             elif lname == b"transfer-encoding":
                 self._transfer_encoding = True
+            elif lname == b"cookie" and self._claim is None and COOKIE_BYTES in value:
+                self._claim = cookie_value(value) or None
             elif (lname == b"expect" and value.lower() == b"100-continue" and version == "1.1"
                   and not self._replaying):
                 self._events.append(Send(b"HTTP/1.1 100 Continue\r\n\r\n"))
-
-    def _session_claim(self) -> bytes | None:
-        """The session cookie's value, for the manager to verify (it places
-        the request by its session); None without one."""
-        for name, value in self._headers:
-            if len(name) == 6 and name.lower() == b"cookie" and COOKIE_BYTES in value:
-                claim = cookie_value(value)
-                if claim:
-                    return claim
-        return None
 
     def on_body(self, body: bytes) -> None:
         if len(self._body) + len(body) > self.max_body:
@@ -266,7 +259,7 @@ class HttpFrontEnd(FrontEnd):
         path = url.partition(b"?")[0] if url[:1] == b"/" else split_target(url)[1]   # origin form first
         head = RequestHead(method, url, version, keep_alive, self._headers, self.server)
         self._events.append(Request(encode_request(head, bytes(self._body)), route=path, meta=head,
-                                    claim=self._session_claim()))
+                                    claim=self._claim))
         self._reset()
         if not keep_alive:
             self._dead = True      # nothing after a request that closes the connection is parsed

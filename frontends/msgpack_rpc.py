@@ -86,8 +86,7 @@ class MsgpackRpcFrontEnd(FrontEnd):
         events: list[Event] = []
         if self._dead:
             return events
-        held = self._fed - self._unpacker.tell()
-        if held + len(data) <= self.max_message:
+        if self.buffered() + len(data) <= self.max_message:
             self._feed(data, events)
             return events
         # Feed no more than the unpackers may hold at a time: a read may
@@ -170,7 +169,7 @@ class MsgpackRpcFrontEnd(FrontEnd):
         return self._fed - self._unpacker.tell()
 
     def timeout_reply(self) -> bytes:
-        return error_reply(f"request not received within {float(self.options['request_timeout']):g} s")
+        return error_reply(self.timeout_text())
 
     # -- bytes out ---------------------------------------------------------------------
 

@@ -84,5 +84,4 @@ class TcpFrontEnd(FrontEnd):
         return len(self._buf)
 
     def timeout_reply(self) -> bytes:
-        why = f"request not received within {float(self.options['request_timeout']):g} s"
-        return frame(why.encode(), error=True)
+        return frame(self.timeout_text().encode(), error=True)

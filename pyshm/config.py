@@ -295,6 +295,3 @@ def read(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
 
-
-def load(path: str, interfaces: Mapping[str, str] | None = None) -> Config:
-    return from_dict(read(path), interfaces)

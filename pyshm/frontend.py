@@ -131,6 +131,10 @@ class FrontEnd:
         """What to send before closing a connection that timed out."""
         return b""
 
+    def timeout_text(self) -> str:
+        """Why the connection is closed, for front-ends that answer it in words."""
+        return f"request not received within {float(self.options['request_timeout']):g} s"
+
 
 @dataclass
 class Registry:

@@ -27,7 +27,7 @@ import msgpack
 _LEN = struct.Struct(">I")
 #: Before the HTTP bytes of a worker's answer: status code, length of the HTTP head.
 ANSWER = struct.Struct(">HI")
-_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"proxy-connection"}
+_HOP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"}
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def render_response(head: RequestHead, status: str, headers: list[tuple[str, str
     seen = set()
     for name, value in headers:
         lname = name.lower()
-        if lname.encode() in _HOP:
+        if lname in _HOP:
             continue
         seen.add(lname)
         lines.append(f"{name}: {value}")

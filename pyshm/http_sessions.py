@@ -31,7 +31,7 @@ class SessionStore:
 
     def __init__(self, table: SessionTable, heap: SharedHeap, secret: bytes, *, ttl: float = 1800.0,
                  secure: bool = False, suite: int = 0) -> None:
-        self.table, self.heap, self.secret = table, heap, secret
+        self.table, self.heap = table, heap
         self.ttl, self.secure, self.suite = ttl, secure, suite
         self.signer = CookieSigner(secret, suite)
 

@@ -215,4 +215,4 @@ class RequestMemory:
             if rc == lib.PYSHM_ERR_CORRUPT:
                 raise HeapCorrupt(f"request memory {self.name!r}: {what}: a value read from the segment "
                                   f"failed its bounds check (a worker wrote garbage)")
-            raise native.error(rc, f"request memory {self.name!r}: {what}")
+            native.check(rc, f"request memory {self.name!r}: {what}")

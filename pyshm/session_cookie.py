@@ -16,16 +16,13 @@ COOKIE_BYTES = COOKIE.encode()
 _REMEMBERED = 4096           # verified cookie values kept (the secret does not change while a process runs)
 
 
-def cookie_value(header: bytes | str, name: bytes | str = COOKIE_BYTES) -> bytes | str | None:
-    """The value of cookie `name` in a Cookie header (RFC 6265: pairs
+def cookie_value(header: bytes) -> bytes | None:
+    """The session cookie's value in a Cookie header (RFC 6265: pairs
     separated by "; "), without SimpleCookie's cost."""
-    sep_char = b";" if isinstance(header, bytes) else ";"
-    eq = b"=" if isinstance(header, bytes) else "="
-    quote = b'"' if isinstance(header, bytes) else '"'
-    for pair in header.split(sep_char):
-        key, sep, value = pair.strip().partition(eq)
-        if sep and key == name:
-            return value.strip(quote)
+    for pair in header.split(b";"):
+        key, sep, value = pair.strip().partition(b"=")
+        if sep and key == COOKIE_BYTES:
+            return value.strip(b'"')
     return None
 
 

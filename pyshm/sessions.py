@@ -242,5 +242,4 @@ class SessionTable:
                        c.owner_node, c.secondary_node, c.flags)
 
     def _check(self, rc: int, what: str) -> None:
-        if rc < 0:
-            raise native.error(rc, f"session table {self.name!r}: {what}")
+        native.check(rc, f"session table {self.name!r}: {what}")
