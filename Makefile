@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := $(wildcard csrc/*.c csrc/*.h) pyshm/_codec.pyx pyshm/_native_build.py setup.py pyproject.toml
 
-.PHONY: install run test fuzz bench redis-server curl wrk clean
+.PHONY: install run test fuzz bench redis-server curl wrk cluster-tools clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,9 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/pyshm demo
 
-# The HTTP tests drive the server with curl.
-test: install curl
+# The HTTP tests drive the server with curl; the cluster tests need
+# network namespaces (iproute2) and a real avahi-daemon with its dbus.
+test: install curl cluster-tools
 	$(VENV)/bin/pytest
 
 # The property tests (marked `fuzz`) with random seeds and many more
@@ -44,6 +45,12 @@ curl:
 
 wrk:
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+
+CLUSTER_TOOLS := ip avahi-daemon avahi-browse dbus-daemon dbus-send
+cluster-tools:
+	@for t in $(CLUSTER_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	test -z "$$missing" || (apt-get update -qq && \
+	  apt-get install -y -qq --no-install-recommends iproute2 avahi-daemon avahi-utils dbus-daemon dbus-bin)
 
 clean:
 	rm -rf build $(VENV) *.egg-info pyshm/*.so pyshm/_codec.c

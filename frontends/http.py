@@ -39,8 +39,8 @@ from http import HTTPStatus
 
 import httptools
 
-from pyshm.frontend import (SHUTTING_DOWN, TIMED_OUT, TOO_LARGE, UNAVAILABLE, Event, FrontEnd, ProtocolError,
-                            Request, Send)
+from pyshm.frontend import (NODE_DIED, SHUTTING_DOWN, TIMED_OUT, TOO_LARGE, UNAVAILABLE, Event, FrontEnd,
+                            ProtocolError, Request, Send)
 from pyshm.http11 import ANSWER, RequestHead, encode_request, read_answer, simple_parts, simple_response, split_target
 from pyshm.session_cookie import COOKIE_BYTES, cookie_value
 from pyshm.sizes import parse_size
@@ -67,7 +67,7 @@ class _Closed(Exception):
 
 _SKIP = ANSWER.size
 _COPY_MAX = 8192       # smaller answers are copied past ANSWER: cheaper than a memoryview
-_ERROR_STATUS = {UNAVAILABLE: 503, SHUTTING_DOWN: 503, TOO_LARGE: 413, TIMED_OUT: 504}
+_ERROR_STATUS = {UNAVAILABLE: 503, SHUTTING_DOWN: 503, TOO_LARGE: 413, TIMED_OUT: 504, NODE_DIED: 502}
 
 
 def _parse_error(e: httptools.HttpParserError) -> tuple[int, str]:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from pyshm.heap import SharedHeap
 
 _heap: SharedHeap | None = None
+_node = ""
 
 
 def heap() -> SharedHeap:
@@ -38,14 +39,27 @@ def set_heap(h: SharedHeap) -> None:
     _heap = h
 
 
+def node() -> str:
+    """The node running this request: its cluster node id, or the instance
+    name outside a cluster (WSGI: also environ["pyshm.node"])."""
+    return _node
+
+
+def set_node(name: str) -> None:
+    """The worker, from the manager's reply to its hello."""
+    global _node
+    _node = name
+
+
 @dataclass
 class FrameRequest:
     """What a raw-frame handler gets: the payload (a read-only memoryview of
     the request in shared memory, valid during the call), the distributed
-    session's id (or None) and the client's address."""
+    session's id (or None), the client's address, and the node running it."""
     payload: memoryview
     session: bytes | None
     peer: str
+    node: str = ""
 
 
 def import_app(spec: str, interface: str = "handler") -> Any:

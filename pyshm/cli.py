@@ -113,8 +113,9 @@ def _serve_config(args: argparse.Namespace, interfaces: dict[str, str] | None = 
     if args.config:
         if args.app or args.tcp or args.http:
             raise ConfigError("give either -c FILE or an app with --tcp/--http, not both")
-        # The worker-management flags given override every suite's settings.
-        return cfgmod.from_dict(_with_suite_flags(cfgmod.read(args.config), _suite_flags(args)), interfaces)
+        # The worker-management and cluster flags given override the file's settings.
+        data = _with_suite_flags(cfgmod.read(args.config), _suite_flags(args))
+        return cfgmod.from_dict(_with_cluster_flags(data, args), interfaces)
     if not args.app or not (args.tcp or args.http):
         raise ConfigError("pyshm serve needs -c pyshm.toml, or an app and a listener: "
                           "pyshm serve app:handle --tcp 127.0.0.1:7000, or myapp:app --http 127.0.0.1:8000")
@@ -130,7 +131,7 @@ def _serve_config(args: argparse.Namespace, interfaces: dict[str, str] | None = 
         data["instance"]["name"] = args.name
     if args.preload:
         data["instance"]["preload"] = args.preload
-    return cfgmod.from_dict(data, interfaces)
+    return cfgmod.from_dict(_with_cluster_flags(data, args), interfaces)
 
 
 def _suite_flags(args: argparse.Namespace) -> dict:
@@ -144,6 +145,18 @@ def _with_suite_flags(data: dict, flags: dict) -> dict:
     for suite in data.get("suites", {}).values():
         if isinstance(suite, dict):
             suite.update(flags)
+    return data
+
+
+def _with_cluster_flags(data: dict, args: argparse.Namespace) -> dict:
+    """--cluster and its companions, as the [cluster] table's settings."""
+    flags = {"name": args.cluster, "node": args.node, "link": args.link, "interfaces": args.interface,
+             "peers": args.peer, "secret_file": args.cluster_secret_file}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given:
+        table = data.setdefault("cluster", {})
+        if isinstance(table, dict):
+            table.update(given)
     return data
 
 
@@ -194,7 +207,19 @@ def _status(args: argparse.Namespace) -> int:
     heap = st["heap"]
     print(f"heap: {format_size(heap['used_bytes'])} used of {format_size(heap['arena_bytes'])}, "
           f"{heap['closures']} closures")
+    if st.get("cluster"):
+        _print_cluster(st["cluster"])
     return 0
+
+
+def _print_cluster(c: dict) -> None:
+    print(f"cluster {c['name']}: node {c['node']}, link {c['link']}, {c['sessions_owned']:,} sessions owned here, "
+          f"forwarded in {c['forwarded_in']:,}, out {c['forwarded_out']:,}")
+    for p in c["peers"]:
+        heard = f"{p['last_heartbeat']:.2f} s ago" if p["last_heartbeat"] is not None else "never"
+        rtt = f"{p['rtt_ms']:.2f} ms" if p["rtt_ms"] is not None else "-"
+        print(f"  {p['node']:<20} {p['state']:<8} link {p['link'] or '-':<22} heard {heard:<12} rtt {rtt:<10} "
+              f"forwarded in {p['forwarded_in']:,}, out {p['forwarded_out']:,}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests-jitter", type=int, metavar="N",
                    help="add a random 0..N to --max-requests per worker")
     p.add_argument("--max-rss", metavar="SIZE", help='replace a worker whose resident memory passes SIZE ("512MiB")')
+    c = p.add_argument_group("cluster (the [cluster] table)")
+    c.add_argument("--cluster", metavar="NAME", help="join the LAN cluster NAME (nodes with one name and secret)")
+    c.add_argument("--node", metavar="ID", help="this node's id, unique in the cluster (default: hostname-pid)")
+    c.add_argument("--link", metavar="HOST:PORT", help="where this node accepts links from its peers (port 0: any)")
+    c.add_argument("--interface", action="append", metavar="IPV4",
+                   help="announce and browse with zeroconf on this interface address (repeatable)")
+    c.add_argument("--peer", action="append", metavar="HOST:PORT", help="a static peer's link address (repeatable)")
+    c.add_argument("--cluster-secret-file", metavar="PATH",
+                   help="the cluster secret (>= 32 bytes; else PYSHM_CLUSTER_SECRET)")
     p.set_defaults(fn=_serve)
 
     p = sub.add_parser("status", help="workers, sessions and memory of a running instance (read-only)")

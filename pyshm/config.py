@@ -25,10 +25,21 @@
     routes = [{ prefix = "admin:", suite = "admin" }]
     max_frame = "16MiB"        # any other key is a front-end option
 
+    [cluster]                  # optional: this instance is one node of a LAN cluster
+    name = "shop"              # nodes with the same name and secret form one cluster
+    node = "a"                 # unique in the cluster; default hostname-pid
+    link = "10.0.0.5:7400"     # this node's link address (port 0: pick one)
+    interfaces = ["10.0.0.5"]  # where zeroconf announces and browses (none: no multicast)
+    peers = ["10.0.0.6:7400"]  # static links, for networks without multicast
+    secret_file = "/etc/pyshm/cluster.key"   # or the PYSHM_CLUSTER_SECRET environment variable
+    heartbeat = 0.2            # seconds between heartbeats; a peer silent for 3 is dead
+
 Every error names the key it is about (ConfigError).
 """
 from __future__ import annotations
 
+import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,6 +90,22 @@ class ListenConfig:
         return self.suite
 
 
+CLUSTER_KEYS = ("name", "node", "link", "interfaces", "peers", "secret_file", "heartbeat")
+SECRET_ENV = "PYSHM_CLUSTER_SECRET"
+MIN_SECRET = 32
+
+
+@dataclass
+class ClusterConfig:
+    name: str
+    node: str
+    link: tuple[str, int]
+    secret: bytes = field(repr=False)     # never printed, logged or reported
+    interfaces: list[str] = field(default_factory=list)
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    heartbeat: float = 0.2
+
+
 @dataclass
 class Config:
     name: str
@@ -95,6 +122,7 @@ class Config:
     session_ttl: float = 1800.0    # seconds an idle session lives
     secure_cookies: bool = False   # session cookies marked Secure (behind TLS)
     secret: str | None = None      # signs session cookies; random per start when unset
+    cluster: ClusterConfig | None = None
 
 
 def _need(table: dict, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
@@ -231,13 +259,76 @@ def _infer_interfaces(suites: dict[str, SuiteConfig], listen: list[ListenConfig]
                               f"one command); only msgpack-RPC and raw TCP suites can be distributed")
 
 
-def from_dict(data: dict[str, Any], interfaces: Mapping[str, str] | None = None) -> Config:
+def _cluster(t: Any, env: Mapping[str, str]) -> ClusterConfig:
+    _typed(t, "cluster", dict)
+    unknown = set(t) - set(CLUSTER_KEYS)
+    if unknown:
+        raise ConfigError(f"cluster.{sorted(unknown)[0]} is not a cluster setting ({', '.join(CLUSTER_KEYS)})")
+    name = _need(t, "name", "cluster", str)
+    node = _typed(t.get("node", _default_node()), "cluster.node", str)
+    for key, value in (("name", name), ("node", node)):
+        # (no '.': avahi does not list zeroconf instance names containing one)
+        if not value or len(value) > 40 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in value):
+            raise ConfigError(f"cluster.{key} must be 1 to 40 ASCII letters, digits, '-' or '_', not {value!r}")
+    cfg = ClusterConfig(name, node, parse_address(t.get("link", "127.0.0.1:0"), "cluster.link"),
+                        _secret(t.get("secret_file"), env))
+    for i, ip in enumerate(_typed(t.get("interfaces", []), "cluster.interfaces", list)):
+        if not isinstance(ip, str) or not _is_ipv4(ip):
+            raise ConfigError(f"cluster.interfaces[{i}] must be an IPv4 address of this host, not {ip!r}")
+        cfg.interfaces.append(ip)
+    cfg.peers = [parse_address(p, f"cluster.peers[{i}]")
+                 for i, p in enumerate(_typed(t.get("peers", []), "cluster.peers", list))]
+    if "heartbeat" in t:
+        cfg.heartbeat = float(_typed(t["heartbeat"], "cluster.heartbeat", (int, float)))
+        if not 0.01 <= cfg.heartbeat <= 10:
+            raise ConfigError(f"cluster.heartbeat must be 0.01 to 10 seconds, not {cfg.heartbeat:g}")
+    return cfg
+
+
+def _default_node() -> str:
+    host = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "-" for c in socket.gethostname()[:30])
+    return f"{host or 'node'}-{os.getpid()}"
+
+
+def _secret(path: Any, env: Mapping[str, str]) -> bytes:
+    """The cluster secret, from cluster.secret_file or PYSHM_CLUSTER_SECRET
+    (the file wins); at least MIN_SECRET bytes."""
+    fix = (f"put at least {MIN_SECRET} random bytes in cluster.secret_file (e.g. head -c 32 /dev/urandom "
+           f"> /etc/pyshm/cluster.key; chmod 600) or in the {SECRET_ENV} environment variable, the same on "
+           f"every node")
+    if path is not None:
+        try:
+            with open(_typed(path, "cluster.secret_file", str), "rb") as f:
+                secret, where = f.read().strip(), f"cluster.secret_file {path}"
+        except OSError as e:
+            raise ConfigError(f"cannot read cluster.secret_file {path}: {e.strerror}") from None
+    elif env.get(SECRET_ENV):
+        secret, where = env[SECRET_ENV].encode(), SECRET_ENV
+    else:
+        raise ConfigError(f"a cluster needs a secret: {fix}")
+    if len(secret) < MIN_SECRET:
+        raise ConfigError(f"the cluster secret in {where} is {len(secret)} bytes, too short: {fix}")
+    return secret
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        socket.inet_aton(text)
+    except OSError:
+        return False
+    return text.count(".") == 3
+
+
+def from_dict(data: dict[str, Any], interfaces: Mapping[str, str] | None = None,
+              env: Mapping[str, str] | None = None) -> Config:
     """The checked configuration.  interfaces: the worker interface each
     front-end needs, by name (pyshm.frontend.Registry.interfaces()), for the
-    suites that do not set one; by default the installed front-ends'."""
-    unknown = set(data) - {"instance", "suites", "listen"}
+    suites that do not set one; by default the installed front-ends'.
+    env: where PYSHM_CLUSTER_SECRET is looked up (os.environ)."""
+    unknown = set(data) - {"instance", "suites", "listen", "cluster"}
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]} is not a section (instance, suites, listen)")
+        raise ConfigError(f"{sorted(unknown)[0]} is not a section (instance, suites, listen, cluster)")
+    cluster = _cluster(data["cluster"], os.environ if env is None else env) if "cluster" in data else None
     inst = _typed(data.get("instance", {}), "instance", dict)
     suites_t = _typed(data.get("suites", {}), "suites", dict)
     if not suites_t:
@@ -253,8 +344,11 @@ def from_dict(data: dict[str, Any], interfaces: Mapping[str, str] | None = None)
     unknown = set(inst) - known
     if unknown:
         raise ConfigError(f"instance.{sorted(unknown)[0]} is not an instance setting ({', '.join(sorted(known))})")
-    cfg = Config(name=_typed(inst.get("name", f"pyshm-{listen[0].port}"), "instance.name", str),
-                 suites=suites, listen=listen)
+    # A node's default name includes its node id: nodes on one host (or in
+    # network namespaces, which share /dev/shm) must not collide.
+    default_name = f"pyshm-{cluster.node}" if cluster else f"pyshm-{listen[0].port}"
+    cfg = Config(name=_typed(inst.get("name", default_name), "instance.name", str),
+                 suites=suites, listen=listen, cluster=cluster)
     if not cfg.name or "/" in cfg.name or len(cfg.name) > 100:
         raise ConfigError(f"instance.name must be 1 to 100 characters without '/', not {cfg.name!r}")
     if "heap_size" in inst:

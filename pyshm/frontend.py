@@ -74,6 +74,7 @@ TOO_LARGE = "too-large"          # no shared memory for the payload
 SHUTTING_DOWN = "shutting-down"  # the server stopped before it ran
 SESSION_ENDED = "session-ended"  # its distributed session is gone
 TIMED_OUT = "timed-out"          # it ran longer than its suite's timeout (its worker was replaced)
+NODE_DIED = "node-died"          # the cluster node it was forwarded to died, or left, before answering
 INTERNAL = "internal"
 
 

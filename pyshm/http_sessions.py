@@ -7,7 +7,7 @@ next request can go to any worker.  The application sees
 is saved only when the request changed it.  A forged or tampered cookie, or
 one whose session expired or ended, starts a fresh session.
 
-    cookie:  pyshm_session=<32 hex id>.<43 base64url HMAC-SHA256(secret, id)>
+    cookie:  pyshm_session=<hex id, owner, secondary>.<HMAC> (pyshm.session_cookie)
 
 The manager verifies the cookie (pyshm.session_cookie) and passes the
 verified id with the request; the worker signs new ones.
@@ -30,13 +30,14 @@ class SessionStore:
     """What a worker needs to load and save HTTP sessions."""
 
     def __init__(self, table: SessionTable, heap: SharedHeap, secret: bytes, *, ttl: float = 1800.0,
-                 secure: bool = False, suite: int = 0) -> None:
+                 secure: bool = False, suite: int = 0, node: int = 0) -> None:
         self.table, self.heap = table, heap
         self.ttl, self.secure, self.suite = ttl, secure, suite
+        self.node = node            # this node's number in its cluster (0: none): the owner of what it creates
         self.signer = CookieSigner(secret, suite)
 
     def sign(self, sid: bytes) -> str:
-        return self.signer.sign(sid)
+        return self.signer.sign(sid, self.node)
 
     def session_for(self, sid: bytes | None) -> HttpSession:
         """The request's session: `sid` is the id the manager verified from
@@ -123,7 +124,8 @@ class HttpSession(MutableMapping):
         if self.id is None and not self.modified:
             return []
         if self.id is None:                 # first write: a new session
-            self.id = store.table.open(SessionKind.REQUEST, suite=store.suite, ttl=store.ttl).id
+            self.id = store.table.open(SessionKind.REQUEST, suite=store.suite, ttl=store.ttl,
+                                       owner_node=store.node).id
             headers.append(store.cookie(store.sign(self.id)))
         if self.modified:
             name = state_closure(self.id)

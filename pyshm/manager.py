@@ -37,6 +37,8 @@ from pyshm.sessions import SessionKind, SessionTable
 from pyshm.supervisor import Refused, Supervisor
 from pyshm.transport import Connection
 from pyshm.application import import_app
+from pyshm.cluster import wire
+from pyshm.cluster.node import ClusterNode, Peer, node_number
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,12 @@ class Client:
 class Local:
     """Placement: this worker of this instance."""
     worker: WorkerRef
+
+
+@dataclass(slots=True)
+class Remote:
+    """Placement: forwarded to this peer (a cluster node owning its session)."""
+    peer: Peer
 
 
 @dataclass(slots=True)
@@ -87,6 +95,8 @@ class Pending:
     worker: WorkerRef | None = None
     started: float = 0.0         # when it was first seen RUNNING (0: not yet)
     answered: bool = False       # its reply was sent (its slot may still be held: see _answer)
+    owner: int = 0               # the cluster node its session's cookie names, when not this one
+    hops: int = 0                # times it was forwarded already (a forwarded request is not again, but once)
 
 
 class ConnectionManager:
@@ -117,6 +127,13 @@ class ConnectionManager:
         self.rm: RequestMemory | None = None
         self.sessions: SessionTable | None = None
         self.secret = config.secret.encode() if config.secret else os.urandom(32)
+        self.cluster: ClusterNode | None = None
+        self.node_name, self.node_number = config.name, 0
+        if config.cluster is not None:
+            # Every node signs and verifies session cookies with one key, derived from the cluster secret.
+            self.secret = wire.derive(config.cluster.secret, b"instance secret")
+            self.cluster = ClusterNode(config.cluster, self, deadline=self._forward_deadline())
+            self.node_name, self.node_number = self.cluster.name, self.cluster.number
         # HTTP session cookies are signed per suite: one suite's cookie is no key to another's sessions.
         self.cookies = {name: CookieSigner(self.secret, i) for i, name in enumerate(config.suites)}
         self.wake_fd = -1
@@ -179,6 +196,9 @@ class ConnectionManager:
             for server, ls in zip(self.servers, self.config.listen):
                 await server.start_serving()
                 log.info("%s front-end on %s:%d -> suite %s", ls.frontend, ls.host, ls.port, ls.suite)
+            if self.cluster is not None:
+                await self.cluster.start({ls.frontend: s.sockets[0].getsockname()[1]
+                                          for s, ls in zip(self.servers, self.config.listen)})
             stop = asyncio.Event()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -214,6 +234,21 @@ class ConnectionManager:
                 why = (os.strerror(e.errno) if e.errno else str(e)).lower()
                 raise ListenError(f"cannot listen on {_address(ls.host, ls.port)}: {why}") from None
             self.servers.append(server)
+        if self.cluster is not None:
+            try:
+                await self.cluster.bind()
+            except OSError as e:
+                for s in self.servers:
+                    s.close()
+                why = (os.strerror(e.errno) if e.errno else str(e)).lower()
+                raise ListenError(f"cannot listen for cluster links on "
+                                  f"{_address(*self.config.cluster.link)}: {why}") from None
+
+    def _forward_deadline(self) -> float:
+        """How long a forwarded request may go unanswered: the owner's own
+        queue and request timeouts, and a second for the link."""
+        longest = max(s.timeout for s in self.config.suites.values())
+        return self.config.queue_timeout + (longest or 3600.0) + 1.0
 
     def _preload(self, spec: str) -> None:
         import_app(spec)(self.heap)
@@ -242,12 +277,15 @@ class ConnectionManager:
         for p in waiting + list(self.pending.values()):
             self._answer(p, b"server shutting down", SHUTTING_DOWN, keep_slot=p.worker is not None)
         await self.supervisor.stop_all()
+        if self.cluster is not None:
+            await self.cluster.stop()
         while self.connections and time.monotonic() < deadline + 2:
             await asyncio.sleep(0.02)
 
     def _unanswered(self) -> bool:
         return (any(not p.answered for p in self.pending.values()) or self.waiting() > 0
-                or any(conn.held() for conn in self.connections))
+                or any(conn.held() for conn in self.connections)
+                or (self.cluster is not None and self.cluster.forwarded_waiting() > 0))
 
     def _waiting_here(self) -> bool:
         for queue in self.backlog.values():
@@ -289,36 +327,60 @@ class ConnectionManager:
                 reply(client.session_error.encode(), UNAVAILABLE)
                 return
             request.session = client.session
-        else:   # only an id the manager verified reaches a worker: None for a forged or foreign cookie
-            request.session = self.cookies[suite].verify(request.claim) if request.claim is not None else None
+        elif request.claim is not None:   # only an id the manager verified reaches a worker
+            claim = self.cookies[suite].verify(request.claim)      # (None: a forged or foreign cookie)
+            request.session = claim.sid if claim is not None else None
+            owner = claim.owner if claim is not None and claim.owner != self.node_number else 0
+            self._enqueue(suite, request, client.peer, reply, owner)
+            return
+        self._enqueue(suite, request, client.peer, reply)
+
+    def run_forwarded(self, suite: str, request: Request, peer: str, hops: int, reply: Reply) -> None:
+        """A request a peer forwarded here: placed as if it had arrived here
+        (it is not forwarded again, unless its session moved on from here)."""
+        if suite not in self.backlog:
+            reply(f"no suite {suite!r} on node {self.node_name}".encode(), INTERNAL)
+            return
+        self._enqueue(suite, request, peer.encode(), reply, 0, hops)
+
+    def _enqueue(self, suite: str, request: Request, peer: bytes, reply: Reply, owner: int = 0,
+                 hops: int = 0) -> None:
         self._seq += 1
-        p = Pending(suite, request, client.peer, reply, time.monotonic(), self._seq)
+        p = Pending(suite, request, peer, reply, time.monotonic(), self._seq, owner=owner, hops=hops)
         queue = self.backlog[suite]
         if queue or not self._place(p):
             queue.append(p)     # behind the ones already waiting
             self.pump()
 
     def _place(self, p: Pending) -> bool:
-        """Carries out p's placement; False when it must wait (for a slot
-        or a worker)."""
-        if p.slot < 0 and not self.free_slots:
-            return False
+        """Carries out p's placement; False when it must wait (for a slot,
+        a worker, or room on a link)."""
         where = self.place(p)
         if where is None:
             return False
-        if isinstance(where, Answer):
-            self._answer(p, where.body, where.error)
-        elif isinstance(where, Park):
-            self._parked.setdefault(p.request.session, collections.deque()).append(p)
-        else:
+        if isinstance(where, Local):
             self._submit_local(p, where.worker)
+        elif isinstance(where, Remote):
+            self.cluster.forward(where.peer, p.suite, p.request, p.hops,
+                                 lambda body, error: self._answer(p, body, error))
+        elif isinstance(where, Answer):
+            self._answer(p, where.body, where.error)
+        else:
+            self._parked.setdefault(p.request.session, collections.deque()).append(p)
         return True
 
-    def place(self, p: Pending) -> Local | Answer | Park | None:
-        """Where p goes next: a local worker (the suite's dispatcher picks
-        it, or the worker its session is bound to), an answer here (its
-        session ended), parked (its session is moving), or None: nowhere
-        yet.  The one placement step; the cluster adds Remote(node)."""
+    def place(self, p: Pending) -> Local | Remote | Answer | Park | None:
+        """Where p goes next: the cluster node owning its session, a local
+        worker (the suite's dispatcher picks it, or the worker its session
+        is bound to), an answer here (its session ended), parked (its
+        session is moving), or None: nowhere yet (no slot, no worker, no
+        room on the link).  The one placement step."""
+        if p.owner:
+            remote = self._remote(p)
+            if remote is not None:
+                return remote if self.cluster.can_forward(remote.peer) else None
+        if p.slot < 0 and not self.free_slots:
+            return None
         dispatcher = self.dispatchers[p.suite]
         sid = p.request.session
         if sid is None or not self.config.suites[p.suite].distributed:
@@ -342,6 +404,22 @@ class ConnectionManager:
             return None
         self.sessions.bind(sid, w.index, w.gen)
         return Local(w)
+
+    def _remote(self, p: Pending) -> Remote | None:
+        """The peer to forward p to: the node its cookie names as owner,
+        unless the session is here after all (handed over to this node);
+        None to run it here.  A session whose owner is gone is lost: the
+        client starts a fresh one."""
+        sid = p.request.session
+        if self.sessions.brief(sid) is None and p.hops < 2:
+            peer = self.cluster.peer_for(p.owner)
+            if peer is not None:
+                return Remote(peer)
+            log.warning("session %s of node %08x is lost (that node is gone): the client starts a fresh one",
+                        sid.hex(), p.owner)
+            p.request.session = None
+        p.owner = 0
+        return None
 
     def _submit_local(self, p: Pending, worker: WorkerRef) -> None:
         if p.slot < 0:
@@ -605,6 +683,8 @@ class ConnectionManager:
             "sessions": {"active": st.active, "capacity": st.capacity, "by_kind": by_kind},
             "slots": {**self.rm.states(), "manager_free": len(self.free_slots)},
             "heap": {"used_bytes": heap.used_bytes, "arena_bytes": heap.arena_bytes, "closures": heap.names},
+            "cluster": ({**self.cluster.status(), "sessions_owned": st.active}
+                        if self.cluster is not None else None),
         }
 
     # -- workers join and leave (called by the supervisor) ---------------------------------
@@ -622,7 +702,8 @@ class ConnectionManager:
         self.free_indices.pop()
         cfg = self.config
         reply = {"index": index, "gen": gen, "secret": self.secret.hex(), "session_ttl": cfg.session_ttl,
-                 "secure_cookies": cfg.secure_cookies, "suite_index": self.suite_index[suite]}
+                 "secure_cookies": cfg.secure_cookies, "suite_index": self.suite_index[suite],
+                 "node": self.node_name, "node_number": self.node_number}
         return WorkerRef(index, gen, pid, start, suite), reply, [self.wake_fd]
 
     def worker_joined(self, w: WorkerRef) -> None:

@@ -106,18 +106,23 @@ class SessionTable:
     # -- entries ------------------------------------------------------------------
 
     def open(self, kind: SessionKind, *, suite: int = 0, worker: int = -1, worker_gen: int = 0,
-             ttl: float = 0.0, closure: str = "", now: float | None = None) -> Session:
+             ttl: float = 0.0, closure: str = "", now: float | None = None, owner_node: int = 0) -> Session:
         """A new session with a fresh id.  Raises SessionTableFull."""
         now = time.time() if now is None else now
         s = Session(new_id(), SessionKind(kind), suite, worker, worker_gen, now, now, now + ttl if ttl else 0.0,
-                    closure, 0, 0)
+                    closure, 0, 0, owner_node)
+        self.insert(s)
+        return s
+
+    def insert(self, s: Session) -> None:
+        """Adds an entry made elsewhere (a session handed over by another
+        node).  Raises SessionTableFull."""
         self._fill(s)
         rc = lib.pyshm_sessions_insert(self._ptr, self._c)
         if rc == lib.PYSHM_ERR_FULL:
             raise SessionTableFull(f"session table {self.name!r} is full "
                                    f"({self.stats().capacity} sessions); raise sessions= or shorten their ttl")
-        self._check(rc, "open")
-        return s
+        self._check(rc, "insert")
 
     def get(self, sid: bytes) -> Session | None:
         """The session's entry (a consistent copy, read without a lock)."""

@@ -51,12 +51,14 @@ class Worker:
         self.rm = RequestMemory.attach(request_segment(instance))
         self.heap = SharedHeap.attach(heap_segment(instance))
         application.set_heap(self.heap)
+        application.set_node(str(reply.get("node", instance)))
         self.sessions = None
         self.rpc: rpc.CallRunner | None = None
         if interface == "wsgi":
             self.sessions = SessionStore(SessionTable.attach(instance), self.heap, bytes.fromhex(reply["secret"]),
                                          ttl=float(reply["session_ttl"]), secure=bool(reply["secure_cookies"]),
-                                         suite=int(reply.get("suite_index", 0)))
+                                         suite=int(reply.get("suite_index", 0)),
+                                         node=int(reply.get("node_number", 0)))
         elif interface == "rpc":
             self.rpc = rpc.CallRunner(app, SessionTable.attach(instance), self.heap)
         self.stopping = False
@@ -114,7 +116,8 @@ class Worker:
         self.respond(info.slot, body, flags)
 
     def _call_handler(self, payload: memoryview, info: SlotInfo) -> bytes:
-        body = self.app(FrameRequest(payload, info.session if any(info.session) else None, info.peer))
+        body = self.app(FrameRequest(payload, info.session if any(info.session) else None, info.peer,
+                                     application.node()))
         if not isinstance(body, (bytes, bytearray, memoryview)):
             raise TypeError(f"the application returned {type(body).__name__}, not bytes")
         return body

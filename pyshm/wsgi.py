@@ -15,6 +15,7 @@ import traceback
 from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
+from pyshm import application
 from pyshm.errors import SessionTableFull
 from pyshm.http11 import RequestHead, decode_request, error_answer, render_response, split_target
 from pyshm.http_sessions import SessionStore
@@ -108,6 +109,7 @@ def call(app: Callable[..., Any], payload: memoryview, peer: str, sessions: Sess
     the server is unavailable, the application did not fail."""
     head, body = decode_request(payload)
     env = environ_for(head, body, peer)
+    env["pyshm.node"] = application.node()
     session = sessions.session_for(sid) if sessions is not None else None
     if session is not None:
         env["pyshm.session"] = session

@@ -43,7 +43,7 @@ class Server:
     when args are given); stopped by pid."""
 
     def __init__(self, workdir: Path, name: str, toml: str = "", *, verbose: bool = False,
-                 args: list[str] | None = None, log: str = "server.log") -> None:
+                 args: list[str] | None = None, log: str = "server.log", wrap: list[str] = ()) -> None:
         self.workdir = workdir
         self.name = name
         if args is None:
@@ -52,7 +52,8 @@ class Server:
         self.path = workdir / log
         self.log = open(self.path, "wb")
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyshm.cli", *args], cwd=workdir, stdout=self.log,
+        # wrap: a command that execs the rest (ip netns exec NS): the pid is still pyshm's.
+        self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "pyshm.cli", *args], cwd=workdir, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=env)
 
     def wait_listening(self, port: int, timeout: float = 30.0) -> None:

@@ -149,17 +149,23 @@ def test_a_full_session_table_is_503(serve):
 
 def test_cookie_signature_and_flags():
     from pyshm.http_sessions import SessionStore
+    from pyshm.session_cookie import Claim
 
     store = SessionStore(None, None, b"k" * 32, secure=True)
     other = SessionStore(None, None, b"j" * 32)
     sid = bytes(range(16))
     value = store.sign(sid)
-    assert store.signer.verify(value.encode()) == sid                                # the manager's check
+    assert store.signer.verify(value.encode()) == Claim(sid, 0, 0)                   # the manager's check
     assert other.signer.verify(value.encode()) is None                                # another secret: not ours
     assert store.signer.verify(value.replace(sid.hex(), bytes(16).hex()).encode()) is None
     assert store.signer.verify(b"zz" + value.encode()[2:]) is None and store.signer.verify(b"") is None
     suite1 = SessionStore(None, None, b"k" * 32, suite=1)     # same secret, another suite: not its cookie
-    assert suite1.signer.verify(value.encode()) is None and suite1.signer.verify(suite1.sign(sid).encode()) == sid
+    assert suite1.signer.verify(value.encode()) is None and suite1.signer.verify(suite1.sign(sid).encode()).sid == sid
+    # A cluster node signs its number as the owner; the client can change neither owner nor secondary.
+    owned = SessionStore(None, None, b"k" * 32, node=0x1234abcd).sign(sid)
+    assert store.signer.verify(owned.encode()) == Claim(sid, 0x1234abcd, 0)
+    forged = owned.replace("1234abcd00000000", "0000000100000000")
+    assert forged != owned and store.signer.verify(forged.encode()) is None
     name, header = store.cookie(value)
     assert name == "Set-Cookie" and "Secure" in header and "HttpOnly" in header
 
@@ -191,7 +197,7 @@ suite = "web"
     srv.wait_listening(port)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
         assert client.get("/").text.split()[0] == "1"
-        sid = bytes.fromhex(client.cookies["pyshm_session"].partition(".")[0])
+        sid = bytes.fromhex(client.cookies["pyshm_session"].partition(".")[0])[:16]     # (then owner, secondary)
     table = SessionTable.attach(srv.name)
     try:
         entry = table.get(sid)
@@ -211,6 +217,6 @@ def test_the_front_end_passes_the_cookie_and_the_manager_verifies_it():
     value = signer.sign(bytes(range(16)))
     (req,) = HttpFrontEnd().receive(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: theme=dark\r\n"
                                     b"Cookie: a=1; pyshm_session=" + value.encode() + b"; b=2\r\n\r\n")
-    assert req.claim == value.encode() and signer.verify(req.claim) == bytes(range(16))
+    assert req.claim == value.encode() and signer.verify(req.claim).sid == bytes(range(16))
     (req,) = HttpFrontEnd().receive(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: pyshm_sessionx=1\r\n\r\n")
     assert req.claim is None

@@ -87,3 +87,16 @@ def tagged(environ, start_response):
         body = b"tagged"
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+def node_counter(environ, start_response):
+    """Counts visits per session and names the node that ran the request:
+    "<visits> <node>"; /sleep?S sleeps S seconds first; /peek only reads."""
+    if environ["PATH_INFO"] == "/sleep":
+        time.sleep(float(environ["QUERY_STRING"] or "1"))
+    session = environ["pyshm.session"]
+    if environ["PATH_INFO"] != "/peek":
+        session["visits"] = session.get("visits", 0) + 1
+    body = f"{session.get('visits', 0)} {environ['pyshm.node']}".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]

@@ -1,0 +1,150 @@
+"""A LAN cluster on 127.0.0.1 (issue 11): static peers, the authenticated
+link, forwarding by session owner, and a node's death.  Every node is a real
+`pyshm serve`; every client a real HTTP client."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from cluster_util import Node, secret_file
+from server_util import free_port, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    """nodes(["a", "b"], ...) starts nodes that list each other as static
+    peers; every node started is stopped by pid at the end."""
+    started: list[Node] = []
+    key = secret_file(tmp_path / "cluster.key")
+
+    def start(names: list[str], *, cluster: str = "shop", key_file=None, peers: dict[str, int] | None = None,
+              **kw) -> dict[str, Node]:
+        links = {n: free_port() for n in names}
+        out = {}
+        for n in names:
+            others = [p for m, p in links.items() if m != n] + list((peers or {}).values())
+            out[n] = Node(tmp_path, n, cluster=cluster, secret_file=key_file or key, link=links[n], peers=others,
+                          **kw)
+            started.append(out[n])
+        for node in out.values():
+            node.wait_listening()
+        return out
+
+    start.key = key
+    start.tmp = tmp_path
+    yield start
+    for node in started:
+        node.stop()
+
+
+def test_three_nodes_with_static_peers_list_each_other_alive(nodes):
+    ns = nodes(["a", "b", "c"])
+    for name, node in ns.items():
+        node.wait_peers({m: "alive" for m in ns if m != name})
+    def measured() -> dict | None:
+        st = ns["a"].status()["cluster"]
+        return st if all(p["rtt_ms"] for p in st["peers"]) else None
+
+    st = wait_for(measured, "round trips measured")
+    assert st["name"] == "shop" and st["node"] == "a" and st["link"].endswith(f":{ns['a'].link}")
+    assert all(0 < p["rtt_ms"] < 1000 and p["last_heartbeat"] < 5 for p in st["peers"])
+    secret = nodes.key.read_bytes().decode()
+    for node in ns.values():             # the secret is in no status and no log line
+        assert secret not in json.dumps(node.status()) and secret not in node.log()
+
+
+def test_wrong_secret_and_other_cluster_are_refused(nodes):
+    a = nodes(["a"])["a"]
+    wrong = secret_file(nodes.tmp / "wrong.key", b"W" * 40)
+    x = nodes(["x"], key_file=wrong, peers={"a": a.link})["x"]
+    y = nodes(["y"], cluster="other", peers={"a": a.link})["y"]
+    wait_for(lambda: "does not hold this cluster's secret" in a.log() + x.log(), "a refusal for the wrong secret")
+    wait_for(lambda: "belongs to cluster" in a.log(), "a refusal for the other cluster")
+    time.sleep(1.0)     # (several dial attempts later)
+    assert a.peers() == {} and x.peers() == {} and y.peers() == {}
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except (socket.timeout, TimeoutError):
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_garbage_and_half_open_handshakes_are_dropped(nodes):
+    ns = nodes(["a", "b"])
+    ns["a"].wait_peers({"b": "alive"})
+    garbage = socket.create_connection(("127.0.0.1", ns["a"].link))
+    garbage.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    silent = socket.create_connection(("127.0.0.1", ns["a"].link))      # says nothing after a's hello
+    half = socket.create_connection(("127.0.0.1", ns["a"].link))        # sends half a frame
+    half.sendall(b"\x00\x00\x01")
+    assert _closed_within(garbage, 5) and _closed_within(silent, 5) and _closed_within(half, 5)
+    for s in (garbage, silent, half):
+        s.close()
+    assert ns["a"].peers() == {"b": "alive"} and ns["b"].peers() == {"a": "alive"}
+    assert httpx.get(ns["a"].url + "/").status_code == 200
+
+
+def test_a_session_made_on_a_is_served_by_a_wherever_it_lands(nodes):
+    ns = nodes(["a", "b", "c"])
+    for name, node in ns.items():
+        node.wait_peers({m: "alive" for m in ns if m != name})
+    with httpx.Client() as client:
+        assert client.get(ns["a"].url + "/").text == "1 a"
+        assert client.get(ns["b"].url + "/").text == "2 a"       # forwarded to the owner, state continues
+        assert client.get(ns["c"].url + "/").text == "3 a"
+        assert client.get(ns["b"].url + "/").text == "4 a"
+        body = client.post(ns["c"].url + "/", content=b"x" * 300_000).text     # a large request forwarded
+        assert body == "5 a"
+    sa, sb, sc = (ns[n].status()["cluster"] for n in "abc")
+    assert sa["forwarded_in"] == 4 and sb["forwarded_out"] == 2 and sc["forwarded_out"] == 2
+    assert {p["node"]: p["forwarded_in"] for p in sa["peers"]} == {"b": 2, "c": 2}
+    # Fresh sessions start where the client lands; a cookie signed with another secret starts afresh.
+    with httpx.Client() as client:
+        assert client.get(ns["b"].url + "/").text == "1 b"
+        assert client.get(ns["c"].url + "/").text == "2 b"
+    from pyshm.session_cookie import CookieSigner
+
+    forged = CookieSigner(b"not the cluster's secret" * 2).sign(bytes(16), owner=0x1234)
+    r = httpx.get(ns["c"].url + "/", cookies={"pyshm_session": forged})
+    assert r.text == "1 c"
+
+
+def test_owner_killed_mid_request_is_an_error_not_a_hang(nodes):
+    ns = nodes(["a", "b"])
+    ns["b"].wait_peers({"a": "alive"})
+    with httpx.Client(timeout=30) as client:
+        assert client.get(ns["a"].url + "/").text == "1 a"
+        result: dict = {}
+
+        def slow() -> None:
+            t0 = time.monotonic()
+            result["r"] = client.get(ns["b"].url + "/sleep?20")       # forwarded to a, which sleeps
+            result["took"] = time.monotonic() - t0
+
+        t = threading.Thread(target=slow)
+        t.start()
+        wait_for(lambda: ns["a"].status()["cluster"]["forwarded_in"] == 1, "the request forwarded to a")
+        killed = time.monotonic()
+        ns["a"].kill()
+        t.join(15)
+        assert not t.is_alive(), "the client hangs"
+        assert result["r"].status_code == 502 and b"node a died" in result["r"].content
+        assert time.monotonic() - killed < 10
+        ns["b"].wait_peers({"a": "dead"}, timeout=5)
+        # The session is lost with its owner: the client starts a fresh one at b, and b says so.
+        assert client.get(ns["b"].url + "/").text == "1 b"
+    assert "is lost (that node is gone)" in ns["b"].log()
