@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 
-from servers import free_port, stop, wait_port
+from servers import free_port, stop, wait_port, wrk
 
 APPS = '''
 BODY_10K = b"x" * 10240
@@ -48,20 +47,6 @@ def servers(tmp: str) -> dict[str, tuple[list[str], int]]:
         "gunicorn (sync, 2 workers)": ([sys.executable, "-m", "gunicorn", "bench_apps:wsgi", "-b",
                                         f"127.0.0.1:{p3}", "-w", "2", "-k", "sync", "--log-level", "warning"], p3),
     }
-
-
-def wrk(url: str, duration: int) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{duration}s", "--latency", url], capture_output=True,
-                         text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-
-    def lat(pct: str) -> float:
-        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1000.0}[m.group(2)]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock_err = re.search(r"Socket errors: (.*)", out)
-    return {"rps": rps, "p50": lat("50"), "p99": lat("99"), "non2xx": int(errors.group(1)) if errors else 0,
-            "sockerr": sock_err.group(1) if sock_err else ""}
 
 
 def main() -> None:

@@ -212,6 +212,8 @@ int pyshm_sessions_brief(pyshm_sessions_t *t, const uint8_t *id, pyshm_session_b
     out->worker_gen = s.worker_gen;
     out->closure_version = s.closure_version;
     out->expires = s.expires;
+    out->flags = s.flags;
+    out->owner_node = s.owner_node;
     return PYSHM_OK;
 }
 
@@ -320,6 +322,18 @@ int pyshm_sessions_cluster(pyshm_sessions_t *t, const uint8_t *id, uint32_t owne
     sl->s.owner_node = owner_node;
     sl->s.secondary_node = secondary_node;
     sl->s.repl_seq = repl_seq;
+    end(sl);
+    unlock(t);
+    return PYSHM_OK;
+}
+
+int pyshm_sessions_flags(pyshm_sessions_t *t, const uint8_t *id, uint32_t set, uint32_t clear) {
+    int rc;
+    slot_t *sl = lock_slot(t, id, &rc);
+    if (!sl) return rc;
+    begin(sl);
+    fault(t, PYSHM_SFAULT_UPDATE);
+    sl->s.flags = (sl->s.flags & ~clear) | set;
     end(sl);
     unlock(t);
     return PYSHM_OK;

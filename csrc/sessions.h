@@ -60,6 +60,7 @@ typedef struct {
     uint32_t kind;
     uint64_t worker_gen, closure_version;
     double expires;
+    uint32_t flags, owner_node;
 } pyshm_session_brief_t;
 int pyshm_sessions_brief(pyshm_sessions_t *t, const uint8_t *id, pyshm_session_brief_t *out);
 /* Writers of an entry's fields: each changes only its own fields, in one
@@ -78,6 +79,10 @@ int pyshm_sessions_saved(pyshm_sessions_t *t, const uint8_t *id, const char *clo
  * replica, and the sequence number of the last change replicated. */
 int pyshm_sessions_cluster(pyshm_sessions_t *t, const uint8_t *id, uint32_t owner_node, uint32_t secondary_node,
                            uint64_t repl_seq);
+/* The entry's flags: the bits in `clear` cleared, then those in `set` set. */
+int pyshm_sessions_flags(pyshm_sessions_t *t, const uint8_t *id, uint32_t set, uint32_t clear);
+/* Session flags. */
+enum { PYSHM_SESSF_MOVED = 1 };   /* handed to this node by another: its cookie still names the old owner */
 int pyshm_sessions_remove(pyshm_sessions_t *t, const uint8_t *id);
 /* Ids (up to cap) of the sessions bound to worker `worker` (>= 0), expired
  * at `now` (PYSHM_SCAN_EXPIRED) or all (PYSHM_SCAN_ALL). */

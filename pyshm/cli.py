@@ -1,7 +1,8 @@
 """The `pyshm` command.
 
     pyshm serve APP --http|--tcp HOST:PORT | -c pyshm.toml   run an instance (manager + suites of workers)
-    pyshm status NAME [--json]       a running instance: workers, restarts, sessions, slots, heap (read-only)
+    pyshm status NAME [--json]       a running instance: workers, restarts, sessions, slots, heap, cluster (read-only)
+    pyshm drain NAME                 stop an instance as SIGTERM does (a cluster node hands its sessions on first)
     pyshm heap stats NAME [--json]   a closure heap: usage, versions, attached processes
     pyshm clean [--force]            remove segments whose creator is gone and that nobody uses
     pyshm demo                       the example catalog instance on 127.0.0.1:7000 (`make run`)
@@ -222,6 +223,19 @@ def _print_cluster(c: dict) -> None:
               f"forwarded in {p['forwarded_in']:,}, out {p['forwarded_out']:,}")
 
 
+def _drain(args: argparse.Namespace) -> int:
+    from pyshm import control
+
+    try:
+        control.drain(args.instance)
+    except ConnectionError as e:
+        print(f"pyshm: {e}", file=sys.stderr)
+        return 1
+    print(f"instance {args.instance} drains: it answers what it holds, hands its sessions to its peers "
+          f"(in a cluster) and exits")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyshm", description="pyshm: a shared-memory Python server")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -273,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("instance", help="the instance name (instance.name, or pyshm-<port>)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_status)
+
+    p = sub.add_parser("drain", help="stop an instance (a cluster node hands its sessions to its peers first)")
+    p.add_argument("instance", help="the instance name")
+    p.set_defaults(fn=_drain)
 
     heap = sub.add_parser("heap", help="inspect a shared closure heap")
     heap_sub = heap.add_subparsers(dest="heap_command", required=True)

@@ -87,8 +87,18 @@ def report_failure(instance: str, failed: dict[str, Any], timeout: float = 5.0) 
 
 def status(instance: str, timeout: float = 10.0) -> dict[str, Any]:
     """Asks a running instance for its status report (read-only)."""
+    return _ask(instance, "status", timeout)
+
+
+def drain(instance: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Asks a running instance to stop as SIGTERM does (a cluster node
+    hands its sessions to its peers first)."""
+    return _ask(instance, "drain", timeout)
+
+
+def _ask(instance: str, what: str, timeout: float) -> dict[str, Any]:
     with _open(instance, timeout) as sock:
-        sock.sendall(encode({"status": True}))
+        sock.sendall(encode({what: True}))
         reader = LineReader()
         while True:
             chunk = sock.recv(65536)

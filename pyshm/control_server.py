@@ -3,7 +3,8 @@
 One listening Unix socket in the abstract namespace per instance.  Two kinds
 of peers connect: workers, which say hello and keep the connection for their
 whole life (its EOF is how the manager learns at once that one died), and
-`pyshm status`, which gets one read-only report and is closed.  The kernel
+`pyshm status`, which gets one read-only report and is closed, and
+`pyshm drain`, which asks the instance to stop as SIGTERM does.  The kernel
 says who connected (SO_PEERCRED): only processes of this user are answered.
 
 This module knows the socket and the message shapes, nothing of what they
@@ -50,10 +51,12 @@ class ControlHandler(Protocol):
 
 
 class ControlServer:
-    def __init__(self, instance: str, handler: ControlHandler, status: Callable[[], dict]) -> None:
+    def __init__(self, instance: str, handler: ControlHandler, status: Callable[[], dict],
+                 drain: Callable[[], dict] | None = None) -> None:
         self.instance = instance
         self.handler = handler
         self.status = status
+        self.drain = drain
         self.listener: socket.socket | None = None
         self.conns: set[ControlConn] = set()
 
@@ -140,18 +143,21 @@ class ControlServer:
                     self.handler.on_failed(conn, msg["failed"])
                     return
                 elif msg.get("status"):
-                    self._answer_status(conn)
+                    self._answer(conn, self.status)
+                    return
+                elif msg.get("drain") and self.drain is not None:
+                    self._answer(conn, self.drain)
                     return
         except (ValueError, KeyError, TypeError, OSError, PyshmError) as e:
             log.warning("bad control message or a failed join: %s", e)
             self.close(conn)
 
-    def _answer_status(self, conn: ControlConn) -> None:
-        """`pyshm status`: a read-only report for this user's processes, then the close."""
+    def _answer(self, conn: ControlConn, request: Callable[[], dict]) -> None:
+        """`pyshm status` or `pyshm drain`, for this user's processes only: one answer, then the close."""
         if conn.peer()[1] == os.getuid():
             conn.sock.setblocking(True)
             try:
-                conn.sock.sendall(control.encode(self.status()))
+                conn.sock.sendall(control.encode(request()))
             except OSError:
                 pass
         self.close(conn)

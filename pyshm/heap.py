@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pyshm import _codec
 from pyshm._native import ffi, lib
@@ -37,6 +37,8 @@ FAULTS = {
 }
 
 _PREFAULT_MIN = 1 << 20  # encodings this large fault their pages in with one call
+_BLOB_MAGIC = (0x43485350).to_bytes(4, "little")   # "PSHC": an encoded closure's first bytes (_codec)
+_BLOB_HEADER = 32
 _UNPIN = int(ffi.cast("uintptr_t", ffi.addressof(lib, "pyshm_heap_unpin")))
 
 
@@ -175,25 +177,59 @@ class SharedHeap:
         the segment cannot hold it.  Readers of older versions are not
         disturbed."""
         enc = _codec.encode(obj)
+
+        def write(address: int, length: int) -> None:
+            half = self._fault == FAULTS["encode"]
+            enc.write_into(address, length, half)
+            if half:
+                lib.pyshm_heap_fault_now(self._h(), FAULTS["encode"])
+
+        return self._publish(name, enc.nbytes, write)
+
+    def put_encoded(self, name: str, data: bytes) -> int:
+        """Publishes bytes export() gave (here or in another instance's
+        heap) as the next version of `name`; returns the version.  The bytes
+        are checked when they are mapped, as every closure is."""
+        if len(data) < _BLOB_HEADER or data[:4] != _BLOB_MAGIC:
+            raise HeapCorrupt(f"put_encoded {name!r}: these bytes are not an encoded closure")
+        return self._publish(name, len(data), lambda address, length: ffi.memmove(
+            ffi.cast("char *", address), data, len(data)))
+
+    def export(self, name: str) -> bytes:
+        """The encoded bytes of the current version of `name` (a copy), for
+        put_encoded in another heap: a session handed to another node."""
+        h = self._h()
+        key = name.encode()
+        info = ffi.new("pyshm_pin_info_t *")
+        rc = lib.pyshm_heap_pin(h, key, len(key), info)
+        if rc:
+            if rc == lib.PYSHM_ERR_NOTFOUND:
+                raise ClosureNotFound(f"heap {self.name!r} has no closure named {name!r}")
+            raise error(rc, f"export {name!r}")
+        try:
+            return ffi.buffer(ffi.cast("const char *", self._native.ro + info.data), info.length)[:]
+        finally:
+            lib.pyshm_heap_unpin(h, lib.pyshm_heap_slot(h), info.blob)
+
+    def _publish(self, name: str, nbytes: int, write: Callable[[int, int], None]) -> int:
+        """Allocates nbytes, lets write() fill them, publishes them as the
+        next version of `name` (abandoned if anything fails)."""
         h = self._h()
         info = ffi.new("pyshm_pin_info_t *")
-        rc = lib.pyshm_heap_alloc(h, enc.nbytes, info)
+        rc = lib.pyshm_heap_alloc(h, nbytes, info)
         if rc == lib.PYSHM_ERR_FULL:
             st = self.stats()
             raise HeapFull(
-                f"put {name!r}: the closure needs {format_size(enc.nbytes)} but the largest free "
+                f"put {name!r}: the closure needs {format_size(nbytes)} but the largest free "
                 f"block of heap {self.name!r} holds {format_size(st.largest_free)} "
                 f"({format_size(st.free_bytes)} free of {format_size(st.arena_bytes)}); "
                 f"delete closures, release old snapshots or create a larger heap")
         if rc:
             raise error(rc, f"put {name!r}")
         try:
-            if enc.nbytes >= _PREFAULT_MIN:
+            if nbytes >= _PREFAULT_MIN:
                 lib.pyshm_heap_prefault(h, info.data, info.length)
-            half = self._fault == FAULTS["encode"]
-            enc.write_into(self._native.rw + info.data, info.length, half)
-            if half:
-                lib.pyshm_heap_fault_now(h, FAULTS["encode"])
+            write(self._native.rw + info.data, info.length)
             key = name.encode()
             version = ffi.new("uint64_t *")
             rc = lib.pyshm_heap_publish(h, key, len(key), info.blob, version)

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from pyshm.errors import ClosureNotFound
 from pyshm.heap import SharedHeap
 from pyshm.session_cookie import COOKIE, CookieSigner
-from pyshm.sessions import SessionKind, SessionTable, state_closure
+from pyshm.sessions import MOVED, SessionKind, SessionTable, state_closure
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class HttpSession(MutableMapping):
         self._data: dict[str, Any] | None = None
         self.modified = False
         self.invalidated = False
+        self.moved = False           # handed to this node: the cookie is signed again, naming it
 
     def _load(self) -> dict[str, Any]:
         if self._data is None:
@@ -77,6 +78,7 @@ class HttpSession(MutableMapping):
                 brief = None            # expired: the sweep frees it; this client starts afresh
             if brief is not None:
                 self.id = sid
+                self.moved = bool(brief[4] & MOVED)
                 if brief[3]:            # a closure version: state was saved
                     try:
                         self._data = self._store.heap.get(state_closure(sid))
@@ -127,6 +129,8 @@ class HttpSession(MutableMapping):
             self.id = store.table.open(SessionKind.REQUEST, suite=store.suite, ttl=store.ttl,
                                        owner_node=store.node).id
             headers.append(store.cookie(store.sign(self.id)))
+        elif self.moved and store.table.flags(self.id, clear=MOVED):
+            headers.append(store.cookie(store.sign(self.id)))     # now naming this node as its owner
         if self.modified:
             name = state_closure(self.id)
             version = store.heap.put(name, self._data)

@@ -33,12 +33,12 @@ from pyshm.native import heap_segment, request_segment, session_segment
 from pyshm.native import unlink as unlink_segment
 from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RESP_UNAVAILABLE, RUNNING, RequestMemory
 from pyshm.session_cookie import CookieSigner
-from pyshm.sessions import SessionKind, SessionTable
+from pyshm.sessions import MOVED, Session, SessionKind, SessionTable, state_closure
 from pyshm.supervisor import Refused, Supervisor
 from pyshm.transport import Connection
 from pyshm.application import import_app
 from pyshm.cluster import wire
-from pyshm.cluster.node import ClusterNode, Peer, node_number
+from pyshm.cluster.node import ClusterNode, Handed, Peer
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class ConnectionManager:
         # waiting for those to finish at a draining worker before the session moves.
         self._session_calls: dict[bytes, int] = {}
         self._parked: dict[bytes, collections.deque[Pending]] = {}
+        self._moving: set[bytes] = set()        # sessions being handed to another node: their calls park
         self.workers: dict[int, WorkerRef] = {}        # by worker index
         self.connections: set[Connection] = set()
         self.servers: list[asyncio.base_events.Server] = []
@@ -142,9 +143,10 @@ class ConnectionManager:
         self._seq = 0
         self.stopping = False
         self.free_indices = list(range(config.max_workers - 1, -1, -1))   # worker indices in the request memory
-        self.supervisor = Supervisor(config, self, self.status)
+        self.supervisor = Supervisor(config, self, self.status, self.drain)
         self.served = 0
         self.ready = asyncio.Event()
+        self._stop: asyncio.Event | None = None
 
     # -- life cycle -----------------------------------------------------------
 
@@ -199,7 +201,7 @@ class ConnectionManager:
             if self.cluster is not None:
                 await self.cluster.start({ls.frontend: s.sockets[0].getsockname()[1]
                                           for s, ls in zip(self.servers, self.config.listen)})
-            stop = asyncio.Event()
+            stop = self._stop = asyncio.Event()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.supervisor.reload)
@@ -220,6 +222,13 @@ class ConnectionManager:
             if self.wake_fd >= 0:
                 loop.remove_reader(self.wake_fd)
             self.close_segments()
+
+    def drain(self) -> dict:
+        """`pyshm drain NAME`: stops as SIGTERM does (in a cluster: after
+        handing its sessions to its peers)."""
+        if self._stop is not None:
+            self._stop.set()
+        return {"draining": self.node_name}
 
     async def _bind(self) -> None:
         loop = asyncio.get_running_loop()
@@ -262,6 +271,11 @@ class ConnectionManager:
         for conn in list(self.connections):
             conn.shutdown()     # reads no more; closes once its answers are out
         deadline = time.monotonic() + self.config.graceful_timeout
+        if self.cluster is not None:
+            # Peers go on forwarding requests for this node's sessions until
+            # each has moved; then they forward nothing more here.
+            await self._hand_over()
+            await self.cluster.leave(self._unanswered, max(0.0, deadline - time.monotonic()))
         while self._unanswered() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         # Past the deadline nothing more is placed; every request still
@@ -343,6 +357,82 @@ class ConnectionManager:
             return
         self._enqueue(suite, request, peer.encode(), reply, 0, hops)
 
+    def take_session(self, handed: Handed) -> str | None:
+        """A peer hands this node one of its sessions (it drains): entry and
+        state are made here, this node its owner; the MOVED flag makes the
+        next answer sign its cookie anew.  None when taken, else why not."""
+        name = state_closure(handed.sid) if handed.state else ""
+        try:
+            version = self.heap.put_encoded(name, handed.state) if handed.state else 0
+            self.sessions.end(handed.sid)           # (an older copy of it, if any)
+            self.sessions.insert(Session(handed.sid, SessionKind.REQUEST, handed.suite, -1, 0, handed.created,
+                                         handed.last_access, handed.expires, name, version, 0,
+                                         owner_node=self.node_number, flags=MOVED))
+        except PyshmError as e:
+            if name and name in self.heap:
+                self.heap.delete(name)
+            return f"node {self.node_name} cannot take it: {e}"
+        return None
+
+    async def _hand_over(self) -> None:
+        """This node leaves its cluster: each of its HTTP sessions goes to a
+        live peer (entry and state), one at a time per session and 64 at
+        once, while requests go on: a session's calls finish first, calls
+        that arrive while it moves wait, then follow it.  Then every peer
+        learns where each went."""
+        sids = [sid for sid in self.sessions.ids() if (e := self.sessions.get(sid)) is not None
+                and e.kind == SessionKind.REQUEST]
+        if not sids:
+            return
+        if not self.cluster.alive():
+            log.warning("no live peer to take this node's %d sessions: they end with it", len(sids))
+            return
+        moves: list[tuple[bytes, str]] = []
+        window = asyncio.Semaphore(64)
+
+        async def move(sid: bytes) -> None:
+            async with window:
+                node = await self._move(sid)
+                if node is not None:
+                    moves.append((sid, node))
+
+        started = time.monotonic()
+        await asyncio.gather(*(move(sid) for sid in sids))
+        self.cluster.announce_moved(moves)
+        log.info("handed %d of %d sessions to %d peers in %.2f s", len(moves), len(sids), len(self.cluster.alive()),
+                 time.monotonic() - started)
+
+    async def _move(self, sid: bytes) -> str | None:
+        """Hands one session to a peer; the node that took it, or None."""
+        self._moving.add(sid)
+        try:
+            while self._session_calls.get(sid):
+                await asyncio.sleep(0.002)          # its calls running here finish first
+            entry = self.sessions.get(sid)
+            if entry is None:
+                return None                         # ended meanwhile
+            state = self.heap.export(entry.closure) if entry.closure and entry.closure in self.heap else None
+            handed = Handed(sid, entry.suite, entry.created, entry.last_access, entry.expires, state)
+            tried: set[str] = set()
+            while (peer := self.cluster.choose(sid, tried)) is not None:
+                why = await self.cluster.hand_off(peer, handed)
+                if why is None:
+                    self.cluster.record_move(sid, peer.node)
+                    peer.sessions_taken += 1
+                    self.sessions.end(sid, self.heap)
+                    return peer.node
+                log.warning("handing session %s to node %s failed: %s", sid.hex(), peer.node, why)
+                tried.add(peer.node)
+            log.error("no peer took session %s: it ends with this node", sid.hex())
+            return None
+        finally:
+            self._moving.discard(sid)
+            parked = self._parked.pop(sid, None)
+            if parked:      # they follow the session
+                for p in parked:
+                    self.backlog[p.suite].append(p)
+                self.pump()
+
     def _enqueue(self, suite: str, request: Request, peer: bytes, reply: Reply, owner: int = 0,
                  hops: int = 0) -> None:
         self._seq += 1
@@ -375,10 +465,12 @@ class ConnectionManager:
         is bound to), an answer here (its session ended), parked (its
         session is moving), or None: nowhere yet (no slot, no worker, no
         room on the link).  The one placement step."""
-        if p.owner:
-            remote = self._remote(p)
-            if remote is not None:
-                return remote if self.cluster.can_forward(remote.peer) else None
+        if self.cluster is not None and p.request.session is not None:
+            where = self._elsewhere(p)
+            if where is PARK:
+                return PARK
+            if where is not None:
+                return where if self.cluster.can_forward(where.peer) else None
         if p.slot < 0 and not self.free_slots:
             return None
         dispatcher = self.dispatchers[p.suite]
@@ -405,19 +497,26 @@ class ConnectionManager:
         self.sessions.bind(sid, w.index, w.gen)
         return Local(w)
 
-    def _remote(self, p: Pending) -> Remote | None:
-        """The peer to forward p to: the node its cookie names as owner,
-        unless the session is here after all (handed over to this node);
-        None to run it here.  A session whose owner is gone is lost: the
+    def _elsewhere(self, p: Pending) -> Remote | Park | None:
+        """Where the cluster sends p: parked while its session is being
+        handed to another node; to the node that took it; to the owner its
+        cookie names, unless the session is here after all (handed to this
+        node); None: here.  A session whose owner is gone is lost: the
         client starts a fresh one."""
         sid = p.request.session
-        if self.sessions.brief(sid) is None and p.hops < 2:
-            peer = self.cluster.peer_for(p.owner)
+        if sid in self._moving:
+            return PARK
+        if p.hops < 2:      # (forwarded at most twice: to the owner, and on to where it moved)
+            peer = self.cluster.moved_to(sid)
             if peer is not None:
                 return Remote(peer)
-            log.warning("session %s of node %08x is lost (that node is gone): the client starts a fresh one",
-                        sid.hex(), p.owner)
-            p.request.session = None
+            if p.owner and self.sessions.brief(sid) is None:
+                peer = self.cluster.peer_for(p.owner)
+                if peer is not None:
+                    return Remote(peer)
+                log.warning("session %s of node %08x is lost (that node is gone): the client starts a fresh one",
+                            sid.hex(), p.owner)
+                p.request.session = None
         p.owner = 0
         return None
 
@@ -434,7 +533,7 @@ class ConnectionManager:
         p.worker = worker
         worker.inflight += 1
         sid = p.request.session
-        if sid is not None and self.config.suites[p.suite].distributed:
+        if sid is not None:
             self._session_calls[sid] = self._session_calls.get(sid, 0) + 1
 
     def _unplace(self, p: Pending) -> None:

@@ -32,6 +32,9 @@ from pyshm.native import session_segment
 FAULTS = {"create": lib.PYSHM_SFAULT_CREATE, "update": lib.PYSHM_SFAULT_UPDATE, "end": lib.PYSHM_SFAULT_END}
 
 
+MOVED = lib.PYSHM_SESSF_MOVED      # flag: handed to this node by another; its cookie names the old owner
+
+
 class SessionKind(enum.IntEnum):
     DISTRIBUTED = lib.PYSHM_SESS_DISTRIBUTED   # a connection bound to one worker
     REQUEST = lib.PYSHM_SESS_REQUEST           # non-distributed: one command per request
@@ -132,13 +135,13 @@ class SessionTable:
         self._check(rc, "get")
         return self._session(self._c)
 
-    def brief(self, sid: bytes) -> tuple[int, int, float, int] | None:
-        """(bound worker, its generation, expires, closure version), or
-        None: the hot paths' lookup, without building a Session."""
+    def brief(self, sid: bytes) -> tuple[int, int, float, int, int] | None:
+        """(bound worker, its generation, expires, closure version, flags),
+        or None: the hot paths' lookup, without building a Session."""
         b = self._brief
         if lib.pyshm_sessions_brief(self._ptr, sid, b):
             return None
-        return b.worker, b.worker_gen, b.expires, b.closure_version
+        return b.worker, b.worker_gen, b.expires, b.closure_version, b.flags
 
     # Field writers: each changes only its own fields; False if the session is gone.
 
@@ -168,6 +171,10 @@ class SessionTable:
         node holding its replica, the last change replicated."""
         return self._wrote(lib.pyshm_sessions_cluster(self._ptr, self._id(sid), owner_node, secondary_node,
                                                       repl_seq), "cluster")
+
+    def flags(self, sid: bytes, *, set: int = 0, clear: int = 0) -> bool:
+        """Clears then sets bits of the entry's flags (MOVED)."""
+        return self._wrote(lib.pyshm_sessions_flags(self._ptr, self._id(sid), set, clear), "flags")
 
     def end(self, sid: bytes, heap: Any = None) -> bool:
         """Frees the entry (and, given the heap, deletes its state closure);

@@ -79,10 +79,11 @@ class Supervisor:
     """Processes only: it knows the workers' pids and suites, never their
     requests.  status: what `pyshm status` reports (the control server asks)."""
 
-    def __init__(self, config: Config, events: WorkerEvents, status: Callable[[], dict]) -> None:
+    def __init__(self, config: Config, events: WorkerEvents, status: Callable[[], dict],
+                 drain: Callable[[], dict] | None = None) -> None:
         self.config = config
         self.events = events
-        self.control = ControlServer(config.name, self, status)
+        self.control = ControlServer(config.name, self, status, drain)
         self.children: dict[int, Child] = {}      # by pid
         self.conns: dict[int, ControlConn] = {}   # by worker index: the joined workers
         self.started = False                      # all workers of the start joined

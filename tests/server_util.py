@@ -69,7 +69,8 @@ class Server:
         raise TimeoutError(f"server not listening on {port}:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:

@@ -25,8 +25,8 @@ def nodes(tmp_path):
     key = secret_file(tmp_path / "cluster.key")
 
     def start(names: list[str], *, cluster: str = "shop", key_file=None, peers: dict[str, int] | None = None,
-              **kw) -> dict[str, Node]:
-        links = {n: free_port() for n in names}
+              link: int = 0, **kw) -> dict[str, Node]:
+        links = {n: link or free_port() for n in names}
         out = {}
         for n in names:
             others = [p for m, p in links.items() if m != n] + list((peers or {}).values())
@@ -148,3 +148,118 @@ def test_owner_killed_mid_request_is_an_error_not_a_hang(nodes):
         # The session is lost with its owner: the client starts a fresh one at b, and b says so.
         assert client.get(ns["b"].url + "/").text == "1 b"
     assert "is lost (that node is gone)" in ns["b"].log()
+
+
+def test_drain_hands_sessions_to_peers(nodes):
+    ns = nodes(["a", "b", "c"])
+    for name, node in ns.items():
+        node.wait_peers({m: "alive" for m in ns if m != name})
+    clients = [httpx.Client() for _ in range(12)]
+    try:
+        for c in clients:
+            assert c.get(ns["a"].url + "/").text == "1 a"
+            assert c.get(ns["a"].url + "/").text == "2 a"
+        ns["a"].stop()                          # SIGTERM: hands its sessions over, then exits
+        assert ns["a"].server.proc.returncode == 0
+        owners = set()
+        for i, c in enumerate(clients):
+            body = c.get(ns["bc"[i % 2]].url + "/").text
+            visits, owner = body.split()
+            assert visits == "3" and owner in ("b", "c"), body
+            owners.add(owner)
+            assert c.get(ns["bc"[(i + 1) % 2]].url + "/").text == f"4 {owner}"    # its new owner, from anywhere
+            assert f"{owner_number(owner):08x}" in c.cookies["pyshm_session"]        # the cookie names it now
+        assert owners == {"b", "c"}             # (rendezvous hashing spread them)
+    finally:
+        for c in clients:
+            c.close()
+    assert "handed 12 of 12 sessions" in ns["a"].log()
+
+
+def owner_number(node: str) -> int:
+    from pyshm.cluster.node import node_number
+
+    return node_number(node)
+
+
+class SessionLoad:
+    """Clients with sessions, each sending requests to the nodes in the
+    rotation in turn and checking that its visit count goes up by exactly
+    one every time: a failed request or a lost session update is an error."""
+
+    def __init__(self, urls: dict[str, str], clients: int) -> None:
+        self.rotation = dict(urls)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self.served = 0
+        self.owners: dict[int, str] = {}
+        self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
+
+    def __enter__(self) -> SessionLoad:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in self.threads), "a client hangs"
+
+    def out_of_rotation(self, node: str) -> None:
+        with self.lock:
+            del self.rotation[node]
+        time.sleep(0.3)      # (requests already sent to it are answered: it drains)
+
+    def into_rotation(self, node: str, url: str) -> None:
+        with self.lock:
+            self.rotation[node] = url
+
+    def _client(self, i: int) -> None:
+        visits, turn = 0, i
+        with httpx.Client(timeout=30) as client:
+            while not self.stop.is_set():
+                with self.lock:
+                    names = sorted(self.rotation)
+                    url = self.rotation[names[turn % len(names)]]
+                turn += 1
+                try:
+                    r = client.get(url + "/")
+                except httpx.HTTPError as e:
+                    self.errors.append(f"client {i}: {type(e).__name__}: {e}")
+                    return
+                got, owner = r.text.split() if r.status_code == 200 else ("-", "-")
+                if r.status_code != 200 or int(got) != visits + 1:
+                    self.errors.append(f"client {i}: after {visits} visits got {r.status_code} {r.text!r}")
+                    return
+                visits += 1
+                self.owners[i] = owner
+                with self.lock:
+                    self.served += 1
+
+    def wait_served(self, more: int) -> None:
+        target = self.served + more
+        wait_for(lambda: self.served >= target or self.errors, "requests served")
+        assert not self.errors, self.errors
+
+
+def test_drain_and_rolling_restart_under_load_lose_nothing(nodes):
+    ns = nodes(["a", "b", "c"])
+    for name, node in ns.items():
+        node.wait_peers({m: "alive" for m in ns if m != name})
+    links = {name: node.link for name, node in ns.items()}
+    with SessionLoad({n: node.url for n, node in ns.items()}, clients=9) as load:
+        load.wait_served(100)
+        for name in ["a", "b", "c", "a"]:        # every node once, then a again
+            load.out_of_rotation(name)
+            assert ns[name].stop() == 0
+            load.wait_served(50)                 # the others serve every session meanwhile
+            assert name not in load.owners.values()
+            ns[name] = nodes([name], peers={m: links[m] for m in links if m != name}, link=links[name],
+                             http=ns[name].http)[name]
+            for other in ns:
+                ns[other].wait_peers({m: "alive" for m in ns if m != other})
+            load.into_rotation(name, ns[name].url)
+            load.wait_served(50)
+    assert not load.errors, load.errors

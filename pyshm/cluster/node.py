@@ -40,6 +40,9 @@ DEAD_AFTER = 3              # heartbeats missed
 HANDSHAKE_TIMEOUT = 2.0     # seconds for a new link to authenticate
 MAX_FORWARDED = 1024        # requests forwarded to one peer and not yet answered
 DIAL_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+HANDOFF_TIMEOUT = 10.0      # seconds a peer has to take a session
+MOVED_BATCH = 1024          # sessions per MOVED message
+MAX_MOVED = 1 << 22         # moved sessions remembered before the expired ones are forgotten
 
 Reply = Callable[[bytes, "str | None"], None]
 
@@ -53,6 +56,19 @@ def node_number(node: str) -> int:
 class Host(Protocol):
     """What the node needs of the connection manager."""
     def run_forwarded(self, suite: str, request: Request, peer: str, hops: int, reply: Reply) -> None: ...
+    def take_session(self, handed: Handed) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Handed:
+    """A session handed from one node to another: its entry's lasting
+    fields and its state (an encoded closure, None when it has none)."""
+    sid: bytes
+    suite: int
+    created: float
+    last_access: float
+    expires: float
+    state: bytes | None
 
 
 @dataclass
@@ -67,7 +83,9 @@ class Peer:
     forwarded_out: int = 0
     forwarded_in: int = 0
     leaving: bool = False                   # it said it drains: nothing new is forwarded to it
+    said_goodbye: bool = False              # it answered our LEAVING: it forwards nothing more to us
     in_flight: int = 0                      # forwarded to it, not yet answered
+    sessions_taken: int = 0                 # sessions it took from this node
 
     @property
     def alive(self) -> bool:
@@ -121,6 +139,12 @@ class ClusterNode:
         self.forwarded_out = 0
         self.forwarded_in = 0
         self.stopping = False
+        # Sessions that moved to another node: session id -> (node, until when
+        # the entry is kept).  Kept as long as the session could live.
+        self.moved: dict[bytes, tuple[str, float]] = {}
+        self.moved_ttl = 1800.0
+        self._handoffs: dict[int, tuple[Peer, asyncio.Future]] = {}
+        self._left = False          # LEAVING was said
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -163,7 +187,8 @@ class ClusterNode:
         if self.server is not None:
             self.server.close()
         for conn in list(self.links):
-            conn.send([wire.LEAVING])
+            if not self._left:
+                conn.send([wire.LEAVING])
             conn.close("this node stops")
         self.fail_forwarded(b"server shutting down", SHUTTING_DOWN)
 
@@ -259,6 +284,9 @@ class ClusterNode:
 
     def _dead(self, peer: Peer, why: str) -> None:
         peer.link, peer.rtt = None, None
+        for hid, (to, future) in list(self._handoffs.items()):
+            if to is peer and not future.done():
+                future.set_result(f"node {peer.node} died")
         if not self.stopping:
             log.warning("node %s is dead: %s", peer.node, why) if not peer.leaving else \
                 log.info("node %s left", peer.node)
@@ -325,8 +353,17 @@ class ClusterNode:
                 self._forwarded_in(peer, conn, msg)
             elif kind == wire.ANSWER:
                 self._answered(peer, msg)
+            elif kind == wire.HANDOFF:
+                self._take(conn, msg)
+            elif kind == wire.TAKEN:
+                self._taken(peer, msg)
+            elif kind == wire.MOVED:
+                self._moved(peer, msg)
             elif kind == wire.LEAVING:
                 peer.leaving = True
+                conn.send([wire.GOODBYE])
+            elif kind == wire.GOODBYE:
+                peer.said_goodbye = True
             else:
                 log.warning("node %s sent a message of unknown kind %r: ignored", peer.node, kind)
         except (IndexError, TypeError, ValueError) as e:
@@ -335,7 +372,8 @@ class ClusterNode:
     # -- forwarding ----------------------------------------------------------------------------------
 
     def peer_for(self, number: int) -> Peer | None:
-        """The live peer a node number stands for, if it takes requests."""
+        """The live peer a node number stands for, unless it is leaving
+        (what it owned moved on: see moved_to)."""
         peer = self.by_number.get(number)
         if peer is None or not peer.alive or peer.leaving:
             return None
@@ -392,6 +430,93 @@ class ClusterNode:
     def forwarded_waiting(self) -> int:
         return len(self._out)
 
+    # -- handoff ------------------------------------------------------------------------------------
+
+    def choose(self, sid: bytes, exclude: set[str] = frozenset()) -> Peer | None:
+        """The live peer a session goes to when this node leaves: rendezvous
+        hashing (the highest hash of session id and node wins), so each
+        session's choice moves only if its winner leaves."""
+        candidates = [p for p in self.peers.values() if p.alive and not p.leaving and p.node not in exclude]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda p: hashlib.blake2b(sid + p.node.encode(), digest_size=8).digest())
+
+    async def hand_off(self, peer: Peer, handed: Handed) -> str | None:
+        """Gives the session to `peer`; None once it took it, else why not."""
+        hid = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._handoffs[hid] = (peer, future)
+        try:
+            if not peer.link.send([wire.HANDOFF, hid, handed.sid, handed.suite, handed.created, handed.last_access,
+                                   handed.expires, handed.state]):
+                return f"node {peer.node} could not be reached"
+            return await asyncio.wait_for(future, HANDOFF_TIMEOUT)
+        except asyncio.TimeoutError:
+            return f"node {peer.node} did not take it within {HANDOFF_TIMEOUT:g} s"
+        finally:
+            del self._handoffs[hid]
+
+    def _take(self, conn: LinkConnection, msg: list) -> None:
+        _, hid, sid, suite, created, last_access, expires, state = msg
+        if not isinstance(sid, bytes) or len(sid) != 16 or not (state is None or isinstance(state, bytes)):
+            raise ValueError("a malformed handoff")
+        why = self.host.take_session(Handed(sid, int(suite), float(created), float(last_access), float(expires),
+                                            state))
+        if why is None:
+            self.moved.pop(sid, None)       # (it may have left here once, and come back)
+        conn.send([wire.TAKEN, hid, why])
+
+    def _taken(self, peer: Peer, msg: list) -> None:
+        _, hid, why = msg
+        pending = self._handoffs.get(hid)
+        if pending is not None and pending[0] is peer and not pending[1].done():
+            pending[1].set_result(why if isinstance(why, str) else None)
+
+    def record_move(self, sid: bytes, node: str) -> None:
+        self.moved[sid] = (node, time.monotonic() + self.moved_ttl)
+
+    def announce_moved(self, moves: list[tuple[bytes, str]]) -> None:
+        """Tells every live peer where these sessions went."""
+        for i in range(0, len(moves), MOVED_BATCH):
+            msg = [wire.MOVED, [[sid, node] for sid, node in moves[i:i + MOVED_BATCH]]]
+            for peer in self.alive():
+                peer.link.send(msg)
+
+    def _moved(self, peer: Peer, msg: list) -> None:
+        for sid, node in msg[1]:
+            if isinstance(sid, bytes) and len(sid) == 16 and isinstance(node, str):
+                if node == self.name:
+                    self.moved.pop(sid, None)
+                else:
+                    self.record_move(sid, node)
+        if len(self.moved) > MAX_MOVED:
+            self._forget_old_moves()
+
+    def _forget_old_moves(self) -> None:
+        now = time.monotonic()
+        self.moved = {sid: v for sid, v in self.moved.items() if v[1] > now}
+
+    def moved_to(self, sid: bytes) -> Peer | None:
+        """The live peer a session moved to, if it moved away from here."""
+        entry = self.moved.get(sid)
+        if entry is None:
+            return None
+        peer = self.peers.get(entry[0])
+        return peer if peer is not None and peer.alive and not peer.leaving else None
+
+    async def leave(self, busy: Callable[[], bool], timeout: float) -> None:
+        """Tells every peer this node leaves and waits until each answered
+        (it forwards nothing more here) and busy() is false: what they
+        forwarded is answered.  Bounded by timeout."""
+        self._left = True
+        for peer in self.alive():
+            peer.link.send([wire.LEAVING])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(p.said_goodbye for p in self.alive()) and not busy():
+                return
+            await asyncio.sleep(0.01)
+
     # -- status -----------------------------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -401,6 +526,7 @@ class ClusterNode:
             "name": self.cfg.name, "node": self.name, "number": self.number, "epoch": self.epoch,
             "link": f"{self.cfg.link[0]}:{self.link_port}", "interfaces": self.cfg.interfaces,
             "forwarded_in": self.forwarded_in, "forwarded_out": self.forwarded_out,
+            "sessions_moved_away": len(self.moved),
             "peers": [{
                 "node": p.node, "state": "leaving" if p.alive and p.leaving else "alive" if p.alive else "dead",
                 "link": f"{p.link_address[0]}:{p.link_address[1]}" if p.link_address else None,

@@ -59,10 +59,11 @@ PING = 1        # [PING, t]: a heartbeat; answered by [PONG, t]
 PONG = 2
 FORWARD = 3     # [FORWARD, id, suite, payload, route, session, hops, label]: run this request here
 ANSWER = 4      # [ANSWER, id, body, error]: the answer to FORWARD id (error: None or a front-end error kind)
-HANDOFF = 5     # [HANDOFF, id, session fields..., state]: become this session's owner
-TAKEN = 6       # [TAKEN, id, ok]: the answer to HANDOFF id
+HANDOFF = 5     # [HANDOFF, id, session id, suite, created, last access, expires, state]: become its owner
+TAKEN = 6       # [TAKEN, id, why]: the answer to HANDOFF id (why: None when taken)
 MOVED = 7       # [MOVED, [[session id, node], ...]]: these sessions have a new owner
-LEAVING = 8     # [LEAVING]: this node drains and will close the link (not a death)
+LEAVING = 8     # [LEAVING]: this node drains: forward nothing more to it (not a death)
+GOODBYE = 9     # [GOODBYE]: the answer to LEAVING: nothing more is forwarded on this link
 
 
 @dataclass(frozen=True)
