@@ -198,14 +198,7 @@ class SharedHeap:
     def export(self, name: str) -> bytes:
         """The encoded bytes of the current version of `name` (a copy), for
         put_encoded in another heap: a session handed to another node."""
-        h = self._h()
-        key = name.encode()
-        info = ffi.new("pyshm_pin_info_t *")
-        rc = lib.pyshm_heap_pin(h, key, len(key), info)
-        if rc:
-            if rc == lib.PYSHM_ERR_NOTFOUND:
-                raise ClosureNotFound(f"heap {self.name!r} has no closure named {name!r}")
-            raise error(rc, f"export {name!r}")
+        h, info = self._pin(name, "export")
         try:
             return ffi.buffer(ffi.cast("const char *", self._native.ro + info.data), info.length)[:]
         finally:
@@ -243,6 +236,13 @@ class SharedHeap:
     def map(self, name: str) -> Snapshot:
         """Pins the current version of `name` and returns its Snapshot; use
         it as `with heap.map(name) as view:`.  O(1) whatever the size."""
+        h, info = self._pin(name, "map")
+        native = self._native
+        return Snapshot(native, name, info.version, native.ro + info.data, info.length,
+                        _UNPIN, native.addr, lib.pyshm_heap_slot(h), info.blob)
+
+    def _pin(self, name: str, what: str) -> tuple[Any, Any]:
+        """Pins the current version of `name`: (handle, pin info)."""
         h = self._h()
         key = name.encode()
         info = ffi.new("pyshm_pin_info_t *")
@@ -250,10 +250,8 @@ class SharedHeap:
         if rc:
             if rc == lib.PYSHM_ERR_NOTFOUND:
                 raise ClosureNotFound(f"heap {self.name!r} has no closure named {name!r}")
-            raise error(rc, f"map {name!r}")
-        native = self._native
-        return Snapshot(native, name, info.version, native.ro + info.data, info.length,
-                        _UNPIN, native.addr, lib.pyshm_heap_slot(h), info.blob)
+            raise error(rc, f"{what} {name!r}")
+        return h, info
 
     def get(self, name: str) -> Any:
         """A private deep copy of the current version of `name`."""

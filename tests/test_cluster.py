@@ -263,3 +263,34 @@ def test_drain_and_rolling_restart_under_load_lose_nothing(nodes):
             load.into_rotation(name, ns[name].url)
             load.wait_served(50)
     assert not load.errors, load.errors
+
+
+def test_cluster_configuration_errors_name_the_fix(tmp_path):
+    from pyshm import config
+    from pyshm.errors import ConfigError
+
+    base = {"suites": {"main": {"app": "wsgi_apps:node_counter"}},
+            "listen": [{"frontend": "http", "address": "127.0.0.1:8000", "suite": "main"}]}
+    interfaces = {"http": "wsgi"}
+
+    def load(cluster: dict, env: dict | None = None):
+        return config.from_dict({**base, "cluster": cluster}, interfaces, env=env or {})
+
+    with pytest.raises(ConfigError, match="a cluster needs a secret: put at least 32 random bytes"):
+        load({"name": "shop"})
+    with pytest.raises(ConfigError, match="PYSHM_CLUSTER_SECRET is 5 bytes, too short"):
+        load({"name": "shop"}, {"PYSHM_CLUSTER_SECRET": "short"})
+    short = secret_file(tmp_path / "short.key", b"x" * 31)
+    with pytest.raises(ConfigError, match=f"cluster.secret_file {short} is 31 bytes"):
+        load({"name": "shop", "secret_file": str(short)})
+    with pytest.raises(ConfigError, match="cannot read cluster.secret_file"):
+        load({"name": "shop", "secret_file": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="cluster.node must be 1 to 40 ASCII letters"):
+        load({"name": "shop", "node": "a.b"}, {"PYSHM_CLUSTER_SECRET": "s" * 32})
+    with pytest.raises(ConfigError, match=r"cluster.interfaces\[0\] must be an IPv4 address"):
+        load({"name": "shop", "interfaces": ["::1"]}, {"PYSHM_CLUSTER_SECRET": "s" * 32})
+    with pytest.raises(ConfigError, match="cluster.colour is not a cluster setting"):
+        load({"name": "shop", "colour": "red"}, {"PYSHM_CLUSTER_SECRET": "s" * 32})
+    cfg = load({"name": "shop", "secret_file": str(nodes_key := secret_file(tmp_path / "k", b"k" * 40))})
+    assert cfg.cluster.secret == b"k" * 40 and cfg.cluster.node and cfg.name == f"pyshm-{cfg.cluster.node}"
+    assert b"k" * 40 not in repr(cfg).encode() and nodes_key.exists()
