@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -159,8 +161,10 @@ def test_drain_hands_sessions_to_peers(nodes):
         for c in clients:
             assert c.get(ns["a"].url + "/").text == "1 a"
             assert c.get(ns["a"].url + "/").text == "2 a"
-        ns["a"].stop()                          # SIGTERM: hands its sessions over, then exits
-        assert ns["a"].server.proc.returncode == 0
+        out = subprocess.run([sys.executable, "-m", "pyshm.cli", "drain", ns["a"].name], capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0 and "drains" in out.stdout
+        assert ns["a"].server.proc.wait(30) == 0    # it handed its sessions over, then exited
         owners = set()
         for i, c in enumerate(clients):
             body = c.get(ns["bc"[i % 2]].url + "/").text

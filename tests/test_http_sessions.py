@@ -5,6 +5,9 @@ import socket
 import time
 
 import httpx
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from pyshm.heap import SharedHeap
 from pyshm.sessions import SessionKind, SessionTable, state_closure
@@ -220,3 +223,19 @@ def test_the_front_end_passes_the_cookie_and_the_manager_verifies_it():
     assert req.claim == value.encode() and signer.verify(req.claim).sid == bytes(range(16))
     (req,) = HttpFrontEnd().receive(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: pyshm_sessionx=1\r\n\r\n")
     assert req.claim is None
+
+
+@pytest.mark.fuzz
+@given(st.binary(max_size=120), st.binary(min_size=16, max_size=16), st.integers(0, 2**32 - 1))
+@example(b"0" * 48 + b".", bytes(16), 0)
+@example(("0" * 48 + "." + "A" * 43).encode(), bytes(16), 0)
+def test_cookie_values_from_clients_never_raise_and_only_signed_ones_verify(value: bytes, sid: bytes,
+                                                                            owner: int) -> None:
+    from pyshm.session_cookie import Claim, CookieSigner
+
+    signer = CookieSigner(b"k" * 32)
+    assert signer.verify(value) is None         # (a random value is never a valid signature)
+    signed = signer.sign(sid, owner).encode()
+    assert signer.verify(signed) == Claim(sid, owner, 0)
+    changed = signed[:-1] + (b"A" if signed[-1:] != b"A" else b"B")
+    assert signer.verify(changed) is None       # one character of the signature changed
