@@ -82,7 +82,8 @@ int pyshm_sessions_cluster(pyshm_sessions_t *t, const uint8_t *id, uint32_t owne
 /* The entry's flags: the bits in `clear` cleared, then those in `set` set. */
 int pyshm_sessions_flags(pyshm_sessions_t *t, const uint8_t *id, uint32_t set, uint32_t clear);
 /* Session flags. */
-enum { PYSHM_SESSF_MOVED = 1 };   /* handed to this node by another: its cookie still names the old owner */
+enum { PYSHM_SESSF_MOVED = 1,       /* handed to this node by another: its cookie still names the old owner */
+       PYSHM_SESSF_RESUMABLE = 2 };  /* a token was given for it: it outlives its connection (session_ttl) */
 int pyshm_sessions_remove(pyshm_sessions_t *t, const uint8_t *id);
 /* Ids (up to cap) of the sessions bound to worker `worker` (>= 0), expired
  * at `now` (PYSHM_SCAN_EXPIRED) or all (PYSHM_SCAN_ALL). */

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import msgpack
+
 from pyshm.config import Config, ListenConfig
 from pyshm.dispatch import Dispatcher, WorkerRef
 from pyshm import segments
@@ -33,7 +35,7 @@ from pyshm.native import heap_segment, request_segment, session_segment
 from pyshm.native import unlink as unlink_segment
 from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RESP_UNAVAILABLE, RUNNING, RequestMemory
 from pyshm.session_cookie import CookieSigner
-from pyshm.sessions import MOVED, Session, SessionKind, SessionTable, state_closure
+from pyshm.sessions import MOVED, RESUMABLE, Session, SessionKind, SessionTable, state_closure
 from pyshm.supervisor import Refused, Supervisor
 from pyshm.transport import Connection
 from pyshm.application import import_app
@@ -44,6 +46,11 @@ log = logging.getLogger(__name__)
 
 Reply = Callable[[bytes, "str | None"], None]
 
+# Methods of every RPC suite, answered by the manager: a token for the
+# connection's session, and resuming a session by its token on a new
+# connection (to any node of the cluster: it is forwarded to the owner).
+TOKEN_METHOD, RESUME_METHOD = b"pyshm.session_token", b"pyshm.resume"
+
 
 @dataclass(slots=True)
 class Client:
@@ -52,6 +59,7 @@ class Client:
     peer: bytes
     session: bytes | None = None         # its distributed session, opened at its first request
     session_error: str | None = None     # why it could have none (the table is full)
+    owner: int = 0                       # the cluster node running its session, when not this one
 
 
 @dataclass(slots=True)
@@ -320,10 +328,17 @@ class ConnectionManager:
         return Client(listen, peer)
 
     def connection_closed(self, client: Client) -> None:
-        """The client is gone: its distributed session ends (entry and state closure)."""
-        if client.session is not None:
-            self.sessions.end(client.session, self.heap)
-            client.session = None
+        """The client is gone: its distributed session ends (entry and state
+        closure), unless a token was given for it: then it may be resumed
+        within session_ttl (its node keeps it; the expiry sweep ends it)."""
+        sid, client.session = client.session, None
+        if sid is None or client.owner:
+            return
+        brief = self.sessions.brief(sid)
+        if brief is not None and brief[4] & RESUMABLE:
+            self.sessions.touch(sid, self.config.session_ttl)
+        else:
+            self.sessions.end(sid, self.heap)
 
     def submit(self, client: Client, request: Request, reply: Reply) -> None:
         """Called by a connection for each request; `reply(body, error)` is
@@ -332,15 +347,18 @@ class ConnectionManager:
         a session, opened at its first request (a probe costs no entry)."""
         suite = client.listen.suite_for(request.route)
         if suite == client.listen.suite and self.config.suites[suite].distributed:
+            if request.route in (TOKEN_METHOD, RESUME_METHOD) and self.config.suites[suite].interface == "rpc":
+                self._session_method(client, suite, request, reply)
+                return
             if client.session is None and client.session_error is None:
-                try:
-                    client.session = self.sessions.open(SessionKind.DISTRIBUTED, suite=self.suite_index[suite]).id
-                except SessionTableFull as e:
-                    client.session_error = str(e)    # each of its requests is answered with it
+                self._open_session(client, suite)
             if client.session_error is not None:
                 reply(client.session_error.encode(), UNAVAILABLE)
                 return
             request.session = client.session
+            if client.owner:
+                self._enqueue(suite, request, client.peer, reply, client.owner)
+                return
         elif request.claim is not None:   # only an id the manager verified reaches a worker
             claim = self.cookies[suite].verify(request.claim)      # (None: a forged or foreign cookie)
             request.session = claim.sid if claim is not None else None
@@ -355,19 +373,93 @@ class ConnectionManager:
         if suite not in self.backlog:
             reply(f"no suite {suite!r} on node {self.node_name}".encode(), INTERNAL)
             return
+        if request.route == RESUME_METHOD and request.session is not None:   # a client resumed at a peer
+            if self.sessions.brief(request.session) is None:
+                reply(b"the session ended", SESSION_ENDED)
+            else:
+                reply(msgpack.packb(True), None)
+            return
         self._enqueue(suite, request, peer.encode(), reply, 0, hops)
+
+    def _session_method(self, client: Client, suite: str, request: Request, reply: Reply) -> None:
+        """pyshm.session_token(): a token naming the connection's session
+        (signed as the HTTP cookies are), which from then on outlives the
+        connection by session_ttl.  pyshm.resume(token), as a connection's
+        first call: the connection continues that session, here or (in a
+        cluster) at the node owning it, for the rest of its life."""
+        signer = self.cookies[suite]
+        if request.route == TOKEN_METHOD:
+            if client.session is None and client.session_error is None:
+                self._open_session(client, suite)
+            if client.session is None:
+                reply((client.session_error or "no session").encode(), UNAVAILABLE)
+                return
+            if not client.owner:
+                self.sessions.flags(client.session, set=RESUMABLE)
+            reply(msgpack.packb(signer.sign(client.session, client.owner or self.node_number)), None)
+            return
+        try:
+            _, _, params = msgpack.unpackb(request.payload, raw=False)
+            claim = signer.verify(params[0].encode()) if params and isinstance(params[0], str) else None
+        except (ValueError, TypeError, msgpack.UnpackException):
+            claim = None
+        if client.session is not None and not self._pristine(client):
+            reply(b"pyshm.resume must come before any call that used the connection's session", APP_ERROR)
+        elif claim is None:
+            reply(b"not a session token of this server", APP_ERROR)
+        elif self.sessions.brief(claim.sid) is not None:        # here (made here, or handed here)
+            self._drop_pristine(client)
+            client.session = claim.sid
+            self.sessions.touch(claim.sid, self.config.session_ttl)
+            reply(msgpack.packb(True), None)
+        else:
+            peer = self.cluster.moved_to(claim.sid) if self.cluster is not None else None
+            if peer is None and self.cluster is not None and claim.owner != self.node_number:
+                peer = self.cluster.peer_for(claim.owner)
+            if peer is None:
+                reply(b"the session ended", SESSION_ENDED)
+                return
+            # Its calls go to the owner from now on (set before the owner
+            # answers: calls pipelined behind this one follow it there).
+            self._drop_pristine(client)
+            client.session, client.owner = claim.sid, peer.number
+            request.session = claim.sid
+            self._enqueue(suite, request, client.peer, reply, peer.number)
+
+    def _pristine(self, client: Client) -> bool:
+        """The connection's own session holds nothing yet (no state saved,
+        no call running): a resume may replace it.  (Clients such as
+        pynvim send a notification before their first call.)"""
+        sid = client.session
+        brief = self.sessions.brief(sid) if not client.owner else None
+        return brief is not None and not brief[3] and not self._session_calls.get(sid)
+
+    def _drop_pristine(self, client: Client) -> None:
+        if client.session is not None:
+            self.sessions.end(client.session, self.heap)
+            client.session = None
+
+    def _open_session(self, client: Client, suite: str) -> None:
+        try:
+            client.session = self.sessions.open(SessionKind.DISTRIBUTED, suite=self.suite_index[suite]).id
+        except SessionTableFull as e:
+            client.session_error = str(e)    # each of its requests is answered with it
 
     def take_session(self, handed: Handed) -> str | None:
         """A peer hands this node one of its sessions (it drains): entry and
-        state are made here, this node its owner; the MOVED flag makes the
-        next answer sign its cookie anew.  None when taken, else why not."""
+        state are made here, this node its owner.  An HTTP session is marked
+        MOVED (its next answer signs the cookie anew); an RPC session, bound
+        to no worker yet, is restored from its checkpoint at its next call.
+        None when taken, else why not."""
         name = state_closure(handed.sid) if handed.state else ""
+        kind = SessionKind(handed.kind)
         try:
             version = self.heap.put_encoded(name, handed.state) if handed.state else 0
             self.sessions.end(handed.sid)           # (an older copy of it, if any)
-            self.sessions.insert(Session(handed.sid, SessionKind.REQUEST, handed.suite, -1, 0, handed.created,
+            self.sessions.insert(Session(handed.sid, kind, handed.suite, -1, 0, handed.created,
                                          handed.last_access, handed.expires, name, version, 0,
-                                         owner_node=self.node_number, flags=MOVED))
+                                         owner_node=self.node_number,
+                                         flags=MOVED if kind == SessionKind.REQUEST else RESUMABLE))
         except PyshmError as e:
             if name and name in self.heap:
                 self.heap.delete(name)
@@ -375,13 +467,14 @@ class ConnectionManager:
         return None
 
     async def _hand_over(self) -> None:
-        """This node leaves its cluster: each of its HTTP sessions goes to a
-        live peer (entry and state), one at a time per session and 64 at
+        """This node leaves its cluster: each of its HTTP sessions and
+        resumable RPC sessions goes to a live peer (entry and state), 64 at
         once, while requests go on: a session's calls finish first, calls
         that arrive while it moves wait, then follow it.  Then every peer
         learns where each went."""
-        sids = [sid for sid in self.sessions.ids() if (e := self.sessions.get(sid)) is not None
-                and e.kind == SessionKind.REQUEST]
+        sids = [sid for sid in self.sessions.ids(limit=self.sessions.stats().capacity)
+                if (e := self.sessions.get(sid)) is not None
+                and (e.kind == SessionKind.REQUEST or e.flags & RESUMABLE)]
         if not sids:
             return
         if not self.cluster.alive():
@@ -412,7 +505,7 @@ class ConnectionManager:
             if entry is None:
                 return None                         # ended meanwhile
             state = self.heap.export(entry.closure) if entry.closure and entry.closure in self.heap else None
-            handed = Handed(sid, entry.suite, entry.created, entry.last_access, entry.expires, state)
+            handed = Handed(sid, int(entry.kind), entry.suite, entry.created, entry.last_access, entry.expires, state)
             tried: set[str] = set()
             while (peer := self.cluster.choose(sid, tried)) is not None:
                 why = await self.cluster.hand_off(peer, handed)
@@ -467,10 +560,10 @@ class ConnectionManager:
         room on the link).  The one placement step."""
         if self.cluster is not None and p.request.session is not None:
             where = self._elsewhere(p)
-            if where is PARK:
-                return PARK
-            if where is not None:
+            if isinstance(where, Remote):
                 return where if self.cluster.can_forward(where.peer) else None
+            if where is not None:
+                return where
         if p.slot < 0 and not self.free_slots:
             return None
         dispatcher = self.dispatchers[p.suite]
@@ -484,7 +577,8 @@ class ConnectionManager:
         w = dispatcher.bound(brief[0], brief[1])
         if w is not None:
             if not w.draining:
-                self.sessions.touch(sid)
+                # (a resumable session expires session_ttl after its last call)
+                self.sessions.touch(sid, self.config.session_ttl if brief[4] & RESUMABLE else 0.0)
                 return Local(w)
             if self._session_calls.get(sid):
                 # Its worker is being replaced but still runs earlier calls
@@ -497,7 +591,7 @@ class ConnectionManager:
         self.sessions.bind(sid, w.index, w.gen)
         return Local(w)
 
-    def _elsewhere(self, p: Pending) -> Remote | Park | None:
+    def _elsewhere(self, p: Pending) -> Remote | Park | Answer | None:
         """Where the cluster sends p: parked while its session is being
         handed to another node; to the node that took it; to the owner its
         cookie names, unless the session is here after all (handed to this
@@ -514,6 +608,8 @@ class ConnectionManager:
                 peer = self.cluster.peer_for(p.owner)
                 if peer is not None:
                     return Remote(peer)
+                if self.config.suites[p.suite].distributed:
+                    return Answer(b"the session ended: its node is gone", SESSION_ENDED)
                 log.warning("session %s of node %08x is lost (that node is gone): the client starts a fresh one",
                             sid.hex(), p.owner)
                 p.request.session = None

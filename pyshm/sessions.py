@@ -33,6 +33,7 @@ FAULTS = {"create": lib.PYSHM_SFAULT_CREATE, "update": lib.PYSHM_SFAULT_UPDATE, 
 
 
 MOVED = lib.PYSHM_SESSF_MOVED      # flag: handed to this node by another; its cookie names the old owner
+RESUMABLE = lib.PYSHM_SESSF_RESUMABLE   # flag: a token was given for it: it outlives its connection
 
 
 class SessionKind(enum.IntEnum):

@@ -19,7 +19,8 @@ _runs = itertools.count()
 class Node:
     def __init__(self, root: Path, node: str, *, cluster: str, secret_file: Path, link: int = 0,
                  peers: list[int] = (), interfaces: list[str] = (), workers: int = 1, app: str = APP,
-                 instance: str = "", http: int = 0, host: str = "127.0.0.1", netns: str = "") -> None:
+                 instance: str = "", http: int = 0, host: str = "127.0.0.1", netns: str = "",
+                 frontend: str = "http") -> None:
         self.netns = netns          # run inside this network namespace (its control socket is there too)
         self.node = node
         self.http = http or free_port()
@@ -38,7 +39,7 @@ app = "{app}"
 workers = {workers}
 
 [[listen]]
-frontend = "http"
+frontend = "{frontend}"
 address = "{host}:{self.http}"
 suite = "main"
 

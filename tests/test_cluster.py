@@ -298,3 +298,59 @@ def test_cluster_configuration_errors_name_the_fix(tmp_path):
     cfg = load({"name": "shop", "secret_file": str(nodes_key := secret_file(tmp_path / "k", b"k" * 40))})
     assert cfg.cluster.secret == b"k" * 40 and cfg.cluster.node and cfg.name == f"pyshm-{cfg.cluster.node}"
     assert b"k" * 40 not in repr(cfg).encode() and nodes_key.exists()
+
+
+def test_an_rpc_session_resumed_with_its_token_anywhere(nodes):
+    from server_util import RpcConn
+
+    ns = nodes(["a", "b", "c"], frontend="msgpack-rpc", app="rpc_apps", workers=2)
+    for name, node in ns.items():
+        node.wait_peers({m: "alive" for m in ns if m != name})
+    first = RpcConn(ns["a"].http)
+    assert [first.call("Counter.incr") for _ in range(2)] == [1, 2]
+    token = first.call("pyshm.session_token")
+    assert isinstance(token, str) and token == first.call("pyshm.session_token")
+    first.close()                                   # the session outlives its connection (it has a token)
+    at_b = RpcConn(ns["b"].http)
+    assert at_b.call("pyshm.resume", token) is True
+    assert at_b.call("Counter.incr") == 3           # forwarded to a, where the session lives
+    assert at_b.call("Counter.incr", 10) == 13
+    with pytest.raises(RuntimeError, match="before any call that used"):
+        at_b.call("pyshm.resume", token)
+    at_b.close()
+    assert ns["a"].status()["cluster"]["forwarded_in"] >= 3
+    bad = RpcConn(ns["c"].http)                     # a token this cluster did not sign
+    with pytest.raises(RuntimeError, match="not a session token"):
+        bad.call("pyshm.resume", token[:-2] + ("AA" if not token.endswith("AA") else "BB"))
+    bad.close()
+    # a drains: the session (its endpoint's checkpoint) goes to b or c; the token still finds it.
+    ns["a"].stop()
+    at_c = RpcConn(ns["c"].http)
+    assert at_c.call("pyshm.resume", token) is True
+    assert at_c.call("Counter.incr") == 14
+    at_c.close()
+    # Without a token, a connection's session ends with it, as on a single node.
+    plain = RpcConn(ns["b"].http)
+    assert plain.call("Counter.incr") == 1
+    plain.close()
+
+
+def test_an_rpc_session_of_a_dead_node_is_an_error_not_a_fresh_one(nodes):
+    from server_util import RpcConn
+
+    ns = nodes(["a", "b"], frontend="msgpack-rpc", app="rpc_apps")
+    ns["b"].wait_peers({"a": "alive"})
+    first = RpcConn(ns["a"].http)
+    assert first.call("Counter.incr") == 1
+    token = first.call("pyshm.session_token")
+    at_b = RpcConn(ns["b"].http)
+    assert at_b.call("pyshm.resume", token) is True and at_b.call("Counter.incr") == 2
+    ns["a"].kill()
+    ns["b"].wait_peers({"a": "dead"}, timeout=5)
+    with pytest.raises(RuntimeError, match="session-ended: the session ended: its node is gone"):
+        at_b.call("Counter.incr")
+    again = RpcConn(ns["b"].http)
+    with pytest.raises(RuntimeError, match="the session ended"):
+        again.call("pyshm.resume", token)
+    for c in (first, at_b, again):
+        c.close()

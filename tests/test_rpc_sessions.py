@@ -14,7 +14,7 @@ from pynvim.msgpack_rpc import tcp_session
 
 from pyshm.heap import SharedHeap
 from pyshm.sessions import SessionTable
-from server_util import free_port, one_suite, status, status_cli, wait_for, worker_pids
+from server_util import RpcConn, free_port, one_suite, status, status_cli, wait_for, worker_pids
 
 
 def session(port: int):
@@ -165,3 +165,40 @@ def test_a_full_session_table_is_an_rpc_error(serve):
     finally:
         a.close()
         b.close()
+
+
+def test_a_session_with_a_token_is_resumed_on_a_new_connection(rpc):
+    srv, port = rpc
+    s = RpcConn(port)
+    assert [s.call("Counter.incr") for _ in range(3)] == [1, 2, 3]
+    token = s.call("pyshm.session_token")
+    s.close()
+    time.sleep(0.2)
+    assert table_usage(srv.name)[0] == 1            # it outlives its connection
+    again = RpcConn(port)
+    assert again.call("pyshm.resume", token) is True
+    assert again.call("Counter.incr") == 4
+    with pytest.raises(RuntimeError, match="before any call that used"):
+        again.call("pyshm.resume", token)
+    other = RpcConn(port)
+    with pytest.raises(RuntimeError, match="not a session token"):
+        other.call("pyshm.resume", "0" * 48 + "." + "A" * 43)
+    with pytest.raises(RuntimeError, match="not a session token"):
+        other.call("pyshm.resume", 42)
+    assert other.call("Counter.incr") == 1       # (a failed resume leaves the connection usable)
+    for c in (again, other):
+        c.close()
+
+
+def test_pynvim_resumes_a_session_after_its_client_info_notification(rpc):
+    """pynvim sends nvim_set_client_info (a notification) before any call:
+    the connection's still empty session gives way to the resumed one."""
+    srv, port = rpc
+    s = session(port)
+    assert s.request("Counter.incr") == 1
+    token = s.request("pyshm.session_token")
+    s.close()
+    again = session(port)
+    assert again.request("pyshm.resume", token) is True
+    assert again.request("Counter.incr") == 2
+    again.close()

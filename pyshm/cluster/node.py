@@ -64,6 +64,7 @@ class Handed:
     """A session handed from one node to another: its entry's lasting
     fields and its state (an encoded closure, None when it has none)."""
     sid: bytes
+    kind: int           # SessionKind: an HTTP session, or a resumable RPC session (restored from its checkpoint)
     suite: int
     created: float
     last_access: float
@@ -447,8 +448,8 @@ class ClusterNode:
         future = asyncio.get_running_loop().create_future()
         self._handoffs[hid] = (peer, future)
         try:
-            if not peer.link.send([wire.HANDOFF, hid, handed.sid, handed.suite, handed.created, handed.last_access,
-                                   handed.expires, handed.state]):
+            if not peer.link.send([wire.HANDOFF, hid, handed.sid, handed.kind, handed.suite, handed.created,
+                                   handed.last_access, handed.expires, handed.state]):
                 return f"node {peer.node} could not be reached"
             return await asyncio.wait_for(future, HANDOFF_TIMEOUT)
         except asyncio.TimeoutError:
@@ -457,11 +458,11 @@ class ClusterNode:
             del self._handoffs[hid]
 
     def _take(self, conn: LinkConnection, msg: list) -> None:
-        _, hid, sid, suite, created, last_access, expires, state = msg
+        _, hid, sid, kind, suite, created, last_access, expires, state = msg
         if not isinstance(sid, bytes) or len(sid) != 16 or not (state is None or isinstance(state, bytes)):
             raise ValueError("a malformed handoff")
-        why = self.host.take_session(Handed(sid, int(suite), float(created), float(last_access), float(expires),
-                                            state))
+        why = self.host.take_session(Handed(sid, int(kind), int(suite), float(created), float(last_access),
+                                            float(expires), state))
         if why is None:
             self.moved.pop(sid, None)       # (it may have left here once, and come back)
         conn.send([wire.TAKEN, hid, why])
