@@ -354,3 +354,27 @@ def test_an_rpc_session_of_a_dead_node_is_an_error_not_a_fresh_one(nodes):
         again.call("pyshm.resume", token)
     for c in (first, at_b, again):
         c.close()
+
+
+def test_a_flood_of_garbage_connections_on_the_link_port_is_bounded(nodes):
+    from pyshm.procmem import resident_bytes
+
+    ns = nodes(["a", "b"])
+    ns["a"].wait_peers({"b": "alive"})
+    pid = ns["a"].server.proc.pid
+    before = resident_bytes(pid)
+    socks = []
+    for i in range(400):         # each announces a 4 KiB handshake frame and sends most of it, then waits
+        s = socket.create_connection(("127.0.0.1", ns["a"].link))
+        s.sendall(b"\x00\x00\x10\x00" + b"\x81" * 4000)
+        socks.append(s)
+    during = resident_bytes(pid)
+    assert during - before < 32 << 20, f"RSS grew {(during - before) >> 20} MiB"
+    time.sleep(0.5)
+    open_now = sum(not _closed_within(s, 0.01) for s in socks)
+    assert open_now <= 64, f"{open_now} unauthenticated connections held at once"   # the rest refused at once
+    assert all(_closed_within(s, 10) for s in socks)       # and those dropped by the handshake timeout
+    for s in socks:
+        s.close()
+    assert ns["a"].peers() == {"b": "alive"} and httpx.get(ns["a"].url + "/").text == "1 a"
+    assert resident_bytes(pid) - before < 32 << 20

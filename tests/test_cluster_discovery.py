@@ -3,6 +3,9 @@ across network namespaces joined by a bridge (multicast on those veths
 only), with avahi listing them."""
 from __future__ import annotations
 
+import subprocess
+import time
+
 import pytest
 
 from cluster_util import Node, secret_file
@@ -56,6 +59,18 @@ def test_nodes_in_three_namespaces_discover_each_other_and_avahi_lists_them(tmp_
                 assert s["address"] == member.ip and s["txt"]["link"] == "7400" and "http=8000" in s["txt"]["ports"]
                 assert int(s["txt"]["epoch"]) == node.status()["cluster"]["epoch"]
                 assert key.read_bytes().decode() not in str(s)
+            # A silent cut (c's cable pulled: no reset reaches anyone): its
+            # peers miss its heartbeats and list it dead, mDNS notwithstanding.
+            subprocess.run(["ip", "-n", net.hub, "link", "set", "m2", "down"], check=True)
+            cut = time.monotonic()
+            for node in nodes[:2]:
+                node.wait_peers({m.node: "dead" if m.node == "c" else "alive" for m in nodes if m is not node},
+                                timeout=10)
+            assert time.monotonic() - cut < 10
+            assert "3 heartbeats missed" in nodes[0].log()
+            subprocess.run(["ip", "-n", net.hub, "link", "set", "m2", "up"], check=True)     # back: a new handshake
+            for node in nodes:
+                node.wait_peers({m.node: "alive" for m in nodes if m is not node}, timeout=20)
         finally:
             for node in nodes:
                 node.stop()

@@ -29,10 +29,12 @@ class LinkOwner(Protocol):
 
 
 class LinkConnection(asyncio.Protocol):
-    def __init__(self, owner: LinkOwner, protocol: wire.Link, dialed: tuple[str, int] | None = None) -> None:
+    def __init__(self, owner: LinkOwner, protocol: wire.Link, dialed: tuple[str, int] | None = None, *,
+                 refuse: str = "") -> None:
         self.owner = owner
         self.link = protocol
         self.dialed = dialed            # the address this node dialed; None: accepted
+        self.refuse = refuse            # why it is closed as soon as it is made ("": it is not)
         self.transport: asyncio.Transport | None = None
         self.peer_host = ""
         self.made = time.monotonic()
@@ -54,6 +56,9 @@ class LinkConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_host = peer[0] if isinstance(peer, tuple) else ""
+        if self.refuse:
+            self.abort(self.refuse)
+            return
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
         self.transport.write(self.link.start())
 

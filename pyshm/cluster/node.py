@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEAD_AFTER = 3              # heartbeats missed
 HANDSHAKE_TIMEOUT = 2.0     # seconds for a new link to authenticate
+MAX_HANDSHAKES = 64         # accepted connections not yet authenticated; more are closed at once
 MAX_FORWARDED = 1024        # requests forwarded to one peer and not yet answered
 DIAL_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 HANDOFF_TIMEOUT = 10.0      # seconds a peer has to take a session
@@ -215,7 +216,10 @@ class ClusterNode:
 
     def _connection(self, dialed: tuple[str, int] | None) -> LinkConnection:
         me = wire.Hello(self.cfg.name, self.name, self.epoch, self.link_port)
-        conn = LinkConnection(self, wire.Link(self.cfg.secret, me), dialed)
+        refuse = ""
+        if dialed is None and sum(not c.open for c in self.links) >= MAX_HANDSHAKES:
+            refuse = f"{MAX_HANDSHAKES} connections are authenticating already"
+        conn = LinkConnection(self, wire.Link(self.cfg.secret, me), dialed, refuse=refuse)
         self.links.add(conn)
         return conn
 
