@@ -427,12 +427,12 @@ class ConnectionManager:
             self._enqueue(suite, request, client.peer, reply, peer.number)
 
     def _pristine(self, client: Client) -> bool:
-        """The connection's own session holds nothing yet (no state saved,
-        no call running): a resume may replace it.  (Clients such as
-        pynvim send a notification before their first call.)"""
-        sid = client.session
-        brief = self.sessions.brief(sid) if not client.owner else None
-        return brief is not None and not brief[3] and not self._session_calls.get(sid)
+        """The connection's own session holds no state yet (nothing was
+        checkpointed): a resume may replace it.  Clients such as pynvim send
+        a notification just before their first call, which may still be
+        running (it then ran for the session given up)."""
+        brief = self.sessions.brief(client.session) if not client.owner else None
+        return brief is not None and not brief[3] and not brief[4] & RESUMABLE     # (a token's session stays)
 
     def _drop_pristine(self, client: Client) -> None:
         if client.session is not None:
