@@ -141,7 +141,7 @@ class ConnectionManager:
         if config.cluster is not None:
             # Every node signs and verifies session cookies with one key, derived from the cluster secret.
             self.secret = wire.derive(config.cluster.secret, b"instance secret")
-            self.cluster = ClusterNode(config.cluster, self, deadline=self._forward_deadline())
+            self.cluster = ClusterNode(config.cluster, self, session_ttl=config.session_ttl)
             self.node_name, self.node_number = self.cluster.name, self.cluster.number
         # HTTP session cookies are signed per suite: one suite's cookie is no key to another's sessions.
         self.cookies = {name: CookieSigner(self.secret, i) for i, name in enumerate(config.suites)}
@@ -261,11 +261,11 @@ class ConnectionManager:
                 raise ListenError(f"cannot listen for cluster links on "
                                   f"{_address(*self.config.cluster.link)}: {why}") from None
 
-    def _forward_deadline(self) -> float:
-        """How long a forwarded request may go unanswered: the owner's own
-        queue and request timeouts, and a second for the link."""
-        longest = max(s.timeout for s in self.config.suites.values())
-        return self.config.queue_timeout + (longest or 3600.0) + 1.0
+    def _forward_limit(self, suite: str) -> float:
+        """How long a request of `suite` forwarded to a peer may go
+        unanswered: the owner's own queue and request timeouts, and a second
+        for the link (no request timeout: an hour)."""
+        return self.config.queue_timeout + (self.config.suites[suite].timeout or 3600.0) + 1.0
 
     def _preload(self, spec: str) -> None:
         import_app(spec)(self.heap)
@@ -282,7 +282,7 @@ class ConnectionManager:
         if self.cluster is not None:
             # Peers go on forwarding requests for this node's sessions until
             # each has moved; then they forward nothing more here.
-            await self._hand_over()
+            await self._hand_over(deadline)
             await self.cluster.leave(self._unanswered, max(0.0, deadline - time.monotonic()))
         while self._unanswered() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -367,7 +367,7 @@ class ConnectionManager:
             return
         self._enqueue(suite, request, client.peer, reply)
 
-    def run_forwarded(self, suite: str, request: Request, peer: str, hops: int, reply: Reply) -> None:
+    def run_forwarded(self, suite: str, request: Request, client: str, hops: int, reply: Reply) -> None:
         """A request a peer forwarded here: placed as if it had arrived here
         (it is not forwarded again, unless its session moved on from here)."""
         if suite not in self.backlog:
@@ -379,7 +379,7 @@ class ConnectionManager:
             else:
                 reply(msgpack.packb(True), None)
             return
-        self._enqueue(suite, request, peer.encode(), reply, 0, hops)
+        self._enqueue(suite, request, client.encode(), reply, 0, hops)
 
     def _session_method(self, client: Client, suite: str, request: Request, reply: Reply) -> None:
         """pyshm.session_token(): a token naming the connection's session
@@ -451,8 +451,15 @@ class ConnectionManager:
         MOVED (its next answer signs the cookie anew); an RPC session, bound
         to no worker yet, is restored from its checkpoint at its next call.
         None when taken, else why not."""
+        if self.stopping:
+            return f"node {self.node_name} is draining"
+        if handed.suite >= len(self.config.suites):
+            return f"node {self.node_name} has no suite {handed.suite}"
+        try:
+            kind = SessionKind(handed.kind)
+        except ValueError:
+            return f"no session kind {handed.kind}"
         name = state_closure(handed.sid) if handed.state else ""
-        kind = SessionKind(handed.kind)
         try:
             version = self.heap.put_encoded(name, handed.state) if handed.state else 0
             self.sessions.end(handed.sid)           # (an older copy of it, if any)
@@ -466,40 +473,56 @@ class ConnectionManager:
             return f"node {self.node_name} cannot take it: {e}"
         return None
 
-    async def _hand_over(self) -> None:
+    async def _hand_over(self, deadline: float) -> None:
         """This node leaves its cluster: each of its HTTP sessions and
         resumable RPC sessions goes to a live peer (entry and state), 64 at
         once, while requests go on: a session's calls finish first, calls
-        that arrive while it moves wait, then follow it.  Then every peer
-        learns where each went."""
-        sids = [sid for sid in self.sessions.ids(limit=self.sessions.stats().capacity)
-                if (e := self.sessions.get(sid)) is not None
-                and (e.kind == SessionKind.REQUEST or e.flags & RESUMABLE)]
-        if not sids:
-            return
-        if not self.cluster.alive():
-            log.warning("no live peer to take this node's %d sessions: they end with it", len(sids))
-            return
+        that arrive while it moves wait, then follow it.  Peers first hear
+        that this node drains (they hand it nothing more); the table is
+        scanned again until nothing is left to move (a forwarded request
+        may have made a session meanwhile), all within `deadline`.  Then
+        every peer learns where each went."""
+        self.cluster.announce_draining()
         moves: list[tuple[bytes, str]] = []
-        window = asyncio.Semaphore(64)
-
-        async def move(sid: bytes) -> None:
-            async with window:
-                node = await self._move(sid)
-                if node is not None:
-                    moves.append((sid, node))
-
+        tried: set[bytes] = set()
         started = time.monotonic()
-        await asyncio.gather(*(move(sid) for sid in sids))
+        while time.monotonic() < deadline:
+            sids = [sid for sid in self._movable() if sid not in tried]
+            if not sids:
+                break
+            if not self.cluster.choose(sids[0]):
+                log.warning("no live peer to take this node's %d sessions: they end with it", len(sids))
+                break
+            tried.update(sids)
+            window = asyncio.Semaphore(64)
+
+            async def move(sid: bytes) -> None:
+                async with window:
+                    node = await self._move(sid, deadline)
+                    if node is not None:
+                        moves.append((sid, node))
+
+            for failed in await asyncio.gather(*(move(sid) for sid in sids), return_exceptions=True):
+                if isinstance(failed, Exception):
+                    log.error("handing a session over failed: %r", failed)
         self.cluster.announce_moved(moves)
-        log.info("handed %d of %d sessions to %d peers in %.2f s", len(moves), len(sids), len(self.cluster.alive()),
+        log.info("handed %d of %d sessions to %d peers in %.2f s", len(moves), len(tried), len(self.cluster.alive()),
                  time.monotonic() - started)
 
-    async def _move(self, sid: bytes) -> str | None:
+    def _movable(self) -> list[bytes]:
+        """Sessions of this node that outlive a connection: HTTP sessions, and RPC sessions with a token."""
+        return [sid for sid in self.sessions.ids(limit=self.sessions.stats().capacity)
+                if (e := self.sessions.get(sid)) is not None
+                and (e.kind == SessionKind.REQUEST or e.flags & RESUMABLE)]
+
+    async def _move(self, sid: bytes, deadline: float) -> str | None:
         """Hands one session to a peer; the node that took it, or None."""
         self._moving.add(sid)
         try:
             while self._session_calls.get(sid):
+                if time.monotonic() >= deadline:    # a call still running: the session stays (and ends) here
+                    log.warning("session %s still runs a call at the graceful timeout: not handed over", sid.hex())
+                    return None
                 await asyncio.sleep(0.002)          # its calls running here finish first
             entry = self.sessions.get(sid)
             if entry is None:
@@ -508,8 +531,11 @@ class ConnectionManager:
             handed = Handed(sid, int(entry.kind), entry.suite, entry.created, entry.last_access, entry.expires, state)
             tried: set[str] = set()
             while (peer := self.cluster.choose(sid, tried)) is not None:
-                why = await self.cluster.hand_off(peer, handed)
-                if why is None:
+                retry, why = await self.cluster.hand_off(peer, handed)
+                if why is None or not retry:
+                    if why is not None:     # it may have taken it: never offered to a second node as well
+                        log.error("handing session %s to node %s: %s; counting it as moved there", sid.hex(),
+                                  peer.node, why)
                     self.cluster.record_move(sid, peer.node)
                     peer.sessions_taken += 1
                     self.sessions.end(sid, self.heap)
@@ -521,9 +547,8 @@ class ConnectionManager:
         finally:
             self._moving.discard(sid)
             parked = self._parked.pop(sid, None)
-            if parked:      # they follow the session
-                for p in parked:
-                    self.backlog[p.suite].append(p)
+            if parked:      # they follow the session, in their order, ahead of what came later
+                self.backlog[parked[0].suite].extendleft(reversed(parked))
                 self.pump()
 
     def _enqueue(self, suite: str, request: Request, peer: bytes, reply: Reply, owner: int = 0,
@@ -544,8 +569,8 @@ class ConnectionManager:
         if isinstance(where, Local):
             self._submit_local(p, where.worker)
         elif isinstance(where, Remote):
-            self.cluster.forward(where.peer, p.suite, p.request, p.hops,
-                                 lambda body, error: self._answer(p, body, error))
+            self.cluster.forward(where.peer, p.suite, p.request, p.peer.decode(), p.hops,
+                                 self._forward_limit(p.suite), lambda body, error: self._answer(p, body, error))
         elif isinstance(where, Answer):
             self._answer(p, where.body, where.error)
         else:
@@ -600,10 +625,12 @@ class ConnectionManager:
         sid = p.request.session
         if sid in self._moving:
             return PARK
-        if p.hops < 2:      # (forwarded at most twice: to the owner, and on to where it moved)
-            peer = self.cluster.moved_to(sid)
-            if peer is not None:
-                return Remote(peer)
+        peer = self.cluster.moved_to(sid)
+        if peer is not None:
+            if p.hops >= 2:     # (forwarded at most twice: to the owner, and on to where it moved)
+                return Answer(b"the session is moving between nodes: try again", UNAVAILABLE)
+            return Remote(peer)
+        if p.hops < 2:
             if p.owner and self.sessions.brief(sid) is None:
                 peer = self.cluster.peer_for(p.owner)
                 if peer is not None:

@@ -4,6 +4,7 @@ link, forwarding by session owner, and a node's death.  Every node is a real
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_wrong_secret_and_other_cluster_are_refused(nodes):
     x = nodes(["x"], key_file=wrong, peers={"a": a.link})["x"]
     y = nodes(["y"], cluster="other", peers={"a": a.link})["y"]
     wait_for(lambda: "does not hold this cluster's secret" in a.log() + x.log(), "a refusal for the wrong secret")
-    wait_for(lambda: "belongs to cluster" in a.log(), "a refusal for the other cluster")
+    wait_for(lambda: "belongs to cluster" in a.log() + y.log(), "a refusal for the other cluster")
     time.sleep(1.0)     # (several dial attempts later)
     assert a.peers() == {} and x.peers() == {} and y.peers() == {}
 
@@ -378,3 +379,60 @@ def test_a_flood_of_garbage_connections_on_the_link_port_is_bounded(nodes):
         s.close()
     assert ns["a"].peers() == {"b": "alive"} and httpx.get(ns["a"].url + "/").text == "1 a"
     assert resident_bytes(pid) - before < 32 << 20
+
+
+def test_two_nodes_draining_at_once_lose_no_session(nodes):
+    ns = nodes(["a", "b", "c"])
+    for name, node in ns.items():
+        node.wait_peers({m: "alive" for m in ns if m != name})
+    cookies = []
+    for i in range(40):
+        for n in "ab":
+            r = httpx.get(ns[n].url + "/")
+            assert r.text == f"1 {n}"
+            cookies.append(r.cookies["pyshm_session"])
+    ns["b"].server.signal(signal.SIGTERM)
+    ns["a"].server.signal(signal.SIGTERM)
+    assert ns["a"].server.proc.wait(30) == 0 and ns["b"].server.proc.wait(30) == 0
+    lost = [c for c in cookies if httpx.get(ns["c"].url + "/", cookies={"pyshm_session": c}).text != "2 c"]
+    assert not lost, f"{len(lost)} of {len(cookies)} sessions lost"
+
+
+def test_an_idle_session_finds_its_new_owner_after_its_old_owner_restarts(nodes):
+    ns = nodes(["a", "b"])
+    ns["a"].wait_peers({"b": "alive"})
+    links = {n: ns[n].link for n in ns}
+    with httpx.Client() as client:
+        assert client.get(ns["a"].url + "/").text == "1 a"
+        assert client.get(ns["a"].url + "/").text == "2 a"
+        assert ns["a"].stop() == 0                   # hands the session to b; the client stays idle
+        a2 = nodes(["a"], peers={"b": links["b"]}, link=links["a"], http=ns["a"].http)["a"]
+        a2.wait_peers({"b": "alive"})
+        assert client.get(a2.url + "/").text == "3 b"   # its cookie names a: the restarted a forwards it to b
+
+
+def test_an_answer_too_large_for_the_link_is_an_error_at_once(nodes):
+    ns = nodes(["a", "b"], app="wsgi_apps:big_or_count")
+    ns["b"].wait_peers({"a": "alive"})
+    with httpx.Client(timeout=60) as client:
+        assert client.get(ns["a"].url + "/").text == "1 a"
+        t0 = time.monotonic()
+        r = client.get(ns["b"].url + "/huge")          # forwarded to a, whose answer cannot cross the link
+        assert r.status_code == 413 and b"cannot cross the link" in r.content
+        assert time.monotonic() - t0 < 20
+        assert client.get(ns["b"].url + "/").text == "2 a"      # the link is fine
+    assert ns["b"].peers() == {"a": "alive"}
+
+
+def test_refusals_cannot_flood_or_forge_log_lines(nodes):
+    from pyshm.cluster import wire
+
+    a = nodes(["a"])["a"]
+    for _ in range(200):
+        with socket.create_connection(("127.0.0.1", a.link)) as s:
+            s.sendall(wire._clear({"refused": "x\nCRITICAL pyshm.manager: forged"}))
+            _closed_within(s, 5)
+    time.sleep(0.2)
+    lines = [line for line in a.log().splitlines() if "refused" in line]
+    assert 1 <= len(lines) <= 2, lines
+    assert not any(line.startswith("CRITICAL") for line in a.log().splitlines())

@@ -100,3 +100,12 @@ def node_counter(environ, start_response):
     body = f"{session.get('visits', 0)} {environ['pyshm.node']}".encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+def big_or_count(environ, start_response):
+    """node_counter, but /huge answers 70 MiB (more than a link frame holds)."""
+    if environ["PATH_INFO"] == "/huge":
+        environ["pyshm.session"]["visits"] = environ["pyshm.session"].get("visits", 0)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(70 << 20))])
+        return [b"x" * (70 << 20)]
+    return node_counter(environ, start_response)

@@ -22,19 +22,22 @@ MAX_UNSENT = 256 << 20      # bytes queued for a peer that does not read: past t
 HIGH_WATER = 4 << 20        # above this the link counts as congested (nothing more is forwarded on it)
 
 
+REFUSALS_LOGGED_EVERY = 10.0   # seconds: at most one refusal line per peer address this often
+
+
 class LinkOwner(Protocol):
+    def admit(self, conn: LinkConnection) -> str: ...
     def link_opened(self, conn: LinkConnection) -> None: ...
     def link_message(self, conn: LinkConnection, msg: list) -> None: ...
+    def link_writable(self, conn: LinkConnection) -> None: ...
     def link_lost(self, conn: LinkConnection) -> None: ...
 
 
 class LinkConnection(asyncio.Protocol):
-    def __init__(self, owner: LinkOwner, protocol: wire.Link, dialed: tuple[str, int] | None = None, *,
-                 refuse: str = "") -> None:
+    def __init__(self, owner: LinkOwner, protocol: wire.Link, dialed: tuple[str, int] | None = None) -> None:
         self.owner = owner
         self.link = protocol
         self.dialed = dialed            # the address this node dialed; None: accepted
-        self.refuse = refuse            # why it is closed as soon as it is made ("": it is not)
         self.transport: asyncio.Transport | None = None
         self.peer_host = ""
         self.made = time.monotonic()
@@ -56,9 +59,11 @@ class LinkConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_host = peer[0] if isinstance(peer, tuple) else ""
-        if self.refuse:
-            self.abort(self.refuse)
-            return
+        if self.dialed is None:
+            refused = self.owner.admit(self)
+            if refused:
+                self.abort(refused)     # (no line logged: a flood must not flood the log)
+                return
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
         self.transport.write(self.link.start())
 
@@ -91,6 +96,7 @@ class LinkConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.congested = False
+        self.owner.link_writable(self)
 
     # -- the node's calls -----------------------------------------------------------------------
 
@@ -120,13 +126,31 @@ class LinkConnection(asyncio.Protocol):
 
     def describe(self) -> str:
         peer = self.link.peer
-        who = f"node {peer.node!r}" if peer is not None else "a peer"
+        who = f"node {peer.node[:64]!r}" if peer is not None else "a peer"
         return f"{who} at {self.peer_host or '?'}"
 
     def _closed_by_protocol(self, ev: wire.Closed) -> None:
         self.reason = ev.reason
         if ev.refused:
-            log.warning("link with %s refused: %s", self.describe(), ev.reason)
+            _log_refusal(self.peer_host, f"link with {self.describe()} refused: {ev.reason}")
         else:
             log.info("link with %s closed: %s", self.describe(), ev.reason)
         self.close(ev.reason)     # (a refusal's reason is written before the FIN)
+
+
+_refusals: dict[str, tuple[float, int]] = {}     # peer address -> (when one was last logged, refusals since)
+
+
+def _log_refusal(host: str, line: str) -> None:
+    """A refusal is logged, but at most once per REFUSALS_LOGGED_EVERY per
+    address (with the count of those not logged): an unauthenticated peer
+    cannot flood the log."""
+    now = time.monotonic()
+    last, quiet = _refusals.get(host, (0.0, 0))
+    if now - last < REFUSALS_LOGGED_EVERY:
+        _refusals[host] = (last, quiet + 1)
+        return
+    if len(_refusals) > 4096:
+        _refusals.clear()
+    _refusals[host] = (now, 0)
+    log.warning("%s%s", line, f" ({quiet} more refused from {host} since the last line)" if quiet else "")

@@ -57,13 +57,14 @@ HELLO, PROOF, OPEN, CLOSED = "hello", "proof", "open", "closed"
 # Message kinds (the first element of a sealed message).
 PING = 1        # [PING, t]: a heartbeat; answered by [PONG, t]
 PONG = 2
-FORWARD = 3     # [FORWARD, id, suite, payload, route, session, hops, label]: run this request here
+FORWARD = 3     # [FORWARD, id, suite, payload, route, session, hops, label, client]: run this request here
 ANSWER = 4      # [ANSWER, id, body, error]: the answer to FORWARD id (error: None or a front-end error kind)
 HANDOFF = 5     # [HANDOFF, id, session id, kind, suite, created, last access, expires, state]: become its owner
 TAKEN = 6       # [TAKEN, id, why]: the answer to HANDOFF id (why: None when taken)
 MOVED = 7       # [MOVED, [[session id, node], ...]]: these sessions have a new owner
-LEAVING = 8     # [LEAVING]: this node drains: forward nothing more to it (not a death)
+LEAVING = 8     # [LEAVING]: this node's sessions moved on: forward nothing more to it (not a death)
 GOODBYE = 9     # [GOODBYE]: the answer to LEAVING: nothing more is forwarded on this link
+DRAINING = 10   # [DRAINING]: this node drains: hand it no session
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,12 @@ class Link:
         self._sent += 1
         return _LEN.pack(len(sealed)) + sealed
 
+    @property
+    def link_id(self) -> bytes:
+        """The same bytes at both ends of this link (its two nonces, in
+        order), once the HELLOs crossed: a tie-breaker both ends agree on."""
+        return min(self._nonce, self._peer_nonce) + max(self._nonce, self._peer_nonce)
+
     def refuse(self, reason: str) -> list[Event]:
         """Ends the link from this side (before OPEN the peer hears why)."""
         events: list[Event] = [Send(_clear({"refused": reason}))] if self.state in (HELLO, PROOF) else []
@@ -197,8 +204,8 @@ class Link:
             return [self._close("garbage during the handshake")]
         if "refused" in msg:
             why = msg["refused"] if isinstance(msg["refused"], str) else "no reason given"
-            self.state = CLOSED
-            return [Closed(f"the peer refused this node: {why[:200]}", refused=True)]
+            self.state = CLOSED      # (the peer's words, quoted: they may hold anything, newlines too)
+            return [Closed(f"the peer refused this node: {why[:200]!r}", refused=True)]
         if self.state == HELLO and "hello" in msg:
             return self._on_hello(msg["hello"])
         if self.state == PROOF and "proof" in msg:
@@ -218,7 +225,8 @@ class Link:
         if peer.version != self.me.version:
             return self.refuse(f"link protocol {peer.version}; this node speaks {self.me.version}")
         if peer.cluster != self.me.cluster:
-            return self.refuse(f"node {peer.node!r} belongs to cluster {peer.cluster!r}, not {self.me.cluster!r}")
+            return self.refuse(f"node {peer.node[:64]!r} belongs to cluster {peer.cluster[:64]!r}, "
+                               f"not {self.me.cluster!r}")
         if peer.node == self.me.node:
             return self.refuse(f"node id {peer.node!r} is this node's own (two nodes with one id?)")
         if nonce == self._nonce:
@@ -230,7 +238,7 @@ class Link:
     def _on_proof(self, proof: Any) -> list[Event]:
         expected = self._proof(self._nonce, self._peer_nonce, self.peer.node)
         if not isinstance(proof, bytes) or not hmac.compare_digest(proof, expected):
-            return self.refuse(f"node {self.peer.node!r} does not hold this cluster's secret")
+            return self.refuse(f"node {self.peer.node[:64]!r} does not hold this cluster's secret")
         mine = self._key(self._nonce, self._peer_nonce, self.me.node)
         theirs = self._key(self._peer_nonce, self._nonce, self.peer.node)
         self._seal, self._open = ChaCha20Poly1305(mine), ChaCha20Poly1305(theirs)
