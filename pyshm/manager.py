@@ -656,7 +656,9 @@ class ConnectionManager:
         p.worker = worker
         worker.inflight += 1
         sid = p.request.session
-        if sid is not None:
+        # Calls are counted per session where a session can move while they
+        # run: to another worker (distributed), or to another node (a cluster).
+        if sid is not None and (self.cluster is not None or self.config.suites[p.suite].distributed):
             self._session_calls[sid] = self._session_calls.get(sid, 0) + 1
 
     def _unplace(self, p: Pending) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 COOKIE = "pyshm_session"
 COOKIE_BYTES = COOKIE.encode()
+_COOKIE_EQ = COOKIE_BYTES + b"="
 _REMEMBERED = 4096           # verified cookie values kept (the secret does not change while a process runs)
 _NODES = struct.Struct(">II")
 _HEX = 48                    # hex digits before the "."
@@ -35,10 +36,15 @@ class Claim:
 def cookie_value(header: bytes) -> bytes | None:
     """The session cookie's value in a Cookie header (RFC 6265: pairs
     separated by "; "), without SimpleCookie's cost."""
-    for pair in header.split(b";"):
-        key, sep, value = pair.strip().partition(b"=")
-        if sep and key == COOKIE_BYTES:
-            return value.strip(b'"')
+    start = header.find(_COOKIE_EQ)
+    while start >= 0:
+        # Only at the start of a pair (after ";" and blanks): in
+        # "xpyshm_session=" or "a= pyshm_session=" it is not the name.
+        before = header[:start].rstrip(b" \t")
+        if not before or before.endswith(b";"):
+            end = header.find(b";", start)
+            return header[start + len(_COOKIE_EQ):end if end >= 0 else len(header)].strip().strip(b'"')
+        start = header.find(_COOKIE_EQ, start + 1)
     return None
 
 

@@ -239,3 +239,26 @@ def test_cookie_values_from_clients_never_raise_and_only_signed_ones_verify(valu
     assert signer.verify(signed) == Claim(sid, owner, 0)
     changed = signed[:-1] + (b"A" if signed[-1:] != b"A" else b"B")
     assert signer.verify(changed) is None       # one character of the signature changed
+
+
+def _cookie_value_by_pairs(header: bytes) -> bytes | None:
+    """RFC 6265's reading, pair by pair (the reference for the fast scan)."""
+    for pair in header.split(b";"):
+        key, sep, value = pair.strip().partition(b"=")
+        if sep and key == b"pyshm_session":
+            return value.strip().strip(b'"')
+    return None
+
+
+@pytest.mark.fuzz
+@given(st.lists(st.tuples(st.sampled_from([b"pyshm_session", b"xpyshm_session", b"a", b"pyshm_sessionx", b" b"]),
+                          st.lists(st.sampled_from([b"pyshm_session=", b" ", b"x", b"\t", b'"', b"="]),
+                                   max_size=4).map(b"".join)), max_size=5),
+       st.sampled_from([b"; ", b";", b" ;  "]))
+@example([(b"a", b"pyshm_session=zz")], b"; ")
+@example([(b"a", b" pyshm_session=1")], b"; ")
+def test_the_cookie_scan_reads_as_the_pairs_do(pairs, sep: bytes) -> None:
+    from pyshm.session_cookie import cookie_value
+
+    header = sep.join(k + b"=" + v for k, v in pairs)
+    assert cookie_value(header) == _cookie_value_by_pairs(header)
