@@ -147,6 +147,7 @@ class ClusterNode:
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
         self._handoffs: dict[int, tuple[Peer, LinkConnection, asyncio.Future]] = {}
+        self._draining = False      # DRAINING was said
         self._left = False          # LEAVING was said
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -284,10 +285,16 @@ class ClusterNode:
             old.close("a second link replaced it")
         elif peer.epoch and peer.epoch != hello.epoch:
             log.warning("node %s restarted (new boot epoch): what it owned before is gone", hello.node)
+        if peer.epoch != hello.epoch:       # a new incarnation: what the old one said is void
+            peer.draining = peer.leaving = peer.said_goodbye = False
         peer.link, peer.epoch = conn, hello.epoch
-        peer.draining = peer.leaving = peer.said_goodbye = False
         peer.link_address = (conn.peer_host, hello.link_port)
         peer.last_heard = time.time()
+        # A peer that links while this node drains or leaves hears it now.
+        if self._draining:
+            conn.send([wire.DRAINING])
+        if self._left:
+            conn.send([wire.LEAVING])
         if was_dead:
             log.info("node %s at %s:%d is alive", hello.node, *peer.link_address)
             self._tell_moves(peer)
@@ -518,6 +525,7 @@ class ClusterNode:
 
     def announce_draining(self) -> None:
         """This node drains: peers hand it no session from now on."""
+        self._draining = True
         for peer in self.alive():
             peer.link.send([wire.DRAINING])
 
