@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import logging
 import os
 import random
 import signal
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import msgpack
 
@@ -39,8 +40,9 @@ from pyshm.sessions import MOVED, RESUMABLE, Session, SessionKind, SessionTable,
 from pyshm.supervisor import Refused, Supervisor
 from pyshm.transport import Connection
 from pyshm.application import import_app
-from pyshm.cluster import wire
-from pyshm.cluster.node import ClusterNode, Handed, Peer
+
+if TYPE_CHECKING:       # (the cluster, and its cryptography, are imported only by a node of one)
+    from pyshm.cluster.node import ClusterNode, Handed, Peer
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,9 @@ class ConnectionManager:
         self.cluster: ClusterNode | None = None
         self.node_name, self.node_number = config.name, 0
         if config.cluster is not None:
+            from pyshm.cluster import wire
+            from pyshm.cluster.node import ClusterNode
+
             # Every node signs and verifies session cookies with one key, derived from the cluster secret.
             self.secret = wire.derive(config.cluster.secret, b"instance secret")
             self.cluster = ClusterNode(config.cluster, self, session_ttl=config.session_ttl)
@@ -217,6 +222,11 @@ class ConnectionManager:
                       loop.create_task(self._expire_sessions())]
             if any(s.max_rss for s in self.config.suites.values()):
                 timers.append(loop.create_task(self._watch_memory()))
+            # What exists now lives as long as the process: out of the
+            # collector's sight, so a full collection does not walk it on
+            # every pass (imports alone are tens of thousands of objects).
+            gc.collect()
+            gc.freeze()
             self.ready.set()
             await stop.wait()
             await self.shutdown()       # (request timeouts still apply while it drains)
@@ -527,6 +537,8 @@ class ConnectionManager:
             entry = self.sessions.get(sid)
             if entry is None:
                 return None                         # ended meanwhile
+            from pyshm.cluster.node import Handed
+
             state = self.heap.export(entry.closure) if entry.closure and entry.closure in self.heap else None
             handed = Handed(sid, int(entry.kind), entry.suite, entry.created, entry.last_access, entry.expires, state)
             tried: set[str] = set()
