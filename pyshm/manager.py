@@ -47,6 +47,7 @@ if TYPE_CHECKING:       # (the cluster, and its cryptography, are imported only 
 log = logging.getLogger(__name__)
 
 Reply = Callable[[bytes, "str | None"], None]
+GC_YOUNG = 50_000       # allocations between collections of the young generation (Python's default: 700)
 
 # Methods of every RPC suite, answered by the manager: a token for the
 # connection's session, and resuming a session by its token on a new
@@ -225,8 +226,11 @@ class ConnectionManager:
             # What exists now lives as long as the process: out of the
             # collector's sight, so a full collection does not walk it on
             # every pass (imports alone are tens of thousands of objects).
+            # A request's objects form no cycles (reference counts free
+            # them), so the young generation is collected 70 times less often.
             gc.collect()
             gc.freeze()
+            gc.set_threshold(GC_YOUNG, 20, 20)
             self.ready.set()
             await stop.wait()
             await self.shutdown()       # (request timeouts still apply while it drains)
