@@ -36,23 +36,22 @@ from pyshm.native import heap_segment, request_segment, session_segment
 from pyshm.native import unlink as unlink_segment
 from pyshm.reqmem import DONE, QUEUED, RESP_ERROR, RESP_UNAVAILABLE, RUNNING, RequestMemory
 from pyshm.session_cookie import CookieSigner
-from pyshm.sessions import MOVED, RESUMABLE, Session, SessionKind, SessionTable, state_closure
+from pyshm.sessions import RESUMABLE, SessionKind, SessionTable
+from pyshm.handover import Handover
+from pyshm.session_tokens import RESUME_METHOD, TOKEN_METHOD, SessionTokens
 from pyshm.supervisor import Refused, Supervisor
 from pyshm.transport import Connection
 from pyshm.application import import_app
 
 if TYPE_CHECKING:       # (the cluster, and its cryptography, are imported only by a node of one)
-    from pyshm.cluster.node import ClusterNode, Handed, Peer
+    from pyshm.cluster.node import ClusterNode, Peer
 
 log = logging.getLogger(__name__)
 
 Reply = Callable[[bytes, "str | None"], None]
 GC_YOUNG = 50_000       # allocations between collections of the young generation (Python's default: 700)
 
-# Methods of every RPC suite, answered by the manager: a token for the
-# connection's session, and resuming a session by its token on a new
-# connection (to any node of the cluster: it is forwarded to the owner).
-TOKEN_METHOD, RESUME_METHOD = b"pyshm.session_token", b"pyshm.resume"
+
 
 
 @dataclass(slots=True)
@@ -110,7 +109,7 @@ class Pending:
     hops: int = 0                # times it was forwarded already (a forwarded request is not again, but once)
 
 
-class ConnectionManager:
+class ConnectionManager(SessionTokens, Handover):
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
         self.registry = registry or Registry.load()
@@ -142,12 +141,11 @@ class ConnectionManager:
         self.cluster: ClusterNode | None = None
         self.node_name, self.node_number = config.name, 0
         if config.cluster is not None:
-            from pyshm.cluster import wire
-            from pyshm.cluster.node import ClusterNode
+            from pyshm.cluster import node, wire
 
             # Every node signs and verifies session cookies with one key, derived from the cluster secret.
             self.secret = wire.derive(config.cluster.secret, b"instance secret")
-            self.cluster = ClusterNode(config.cluster, self, session_ttl=config.session_ttl)
+            self.cluster = node.ClusterNode(config.cluster, self, session_ttl=config.session_ttl)
             self.node_name, self.node_number = self.cluster.name, self.cluster.number
         # HTTP session cookies are signed per suite: one suite's cookie is no key to another's sessions.
         self.cookies = {name: CookieSigner(self.secret, i) for i, name in enumerate(config.suites)}
@@ -395,177 +393,11 @@ class ConnectionManager:
             return
         self._enqueue(suite, request, client.encode(), reply, 0, hops)
 
-    def _session_method(self, client: Client, suite: str, request: Request, reply: Reply) -> None:
-        """pyshm.session_token(): a token naming the connection's session
-        (signed as the HTTP cookies are), which from then on outlives the
-        connection by session_ttl.  pyshm.resume(token), as a connection's
-        first call: the connection continues that session, here or (in a
-        cluster) at the node owning it, for the rest of its life."""
-        signer = self.cookies[suite]
-        if request.route == TOKEN_METHOD:
-            if client.session is None and client.session_error is None:
-                self._open_session(client, suite)
-            if client.session is None:
-                reply((client.session_error or "no session").encode(), UNAVAILABLE)
-                return
-            if not client.owner:
-                self.sessions.flags(client.session, set=RESUMABLE)
-            reply(msgpack.packb(signer.sign(client.session, client.owner or self.node_number)), None)
-            return
-        try:
-            _, _, params = msgpack.unpackb(request.payload, raw=False)
-            claim = signer.verify(params[0].encode()) if params and isinstance(params[0], str) else None
-        except (ValueError, TypeError, msgpack.UnpackException):
-            claim = None
-        if client.session is not None and not self._pristine(client):
-            reply(b"pyshm.resume must come before any call that used the connection's session", APP_ERROR)
-        elif claim is None:
-            reply(b"not a session token of this server", APP_ERROR)
-        elif self.sessions.brief(claim.sid) is not None:        # here (made here, or handed here)
-            self._drop_pristine(client)
-            client.session = claim.sid
-            self.sessions.touch(claim.sid, self.config.session_ttl)
-            reply(msgpack.packb(True), None)
-        else:
-            peer = self.cluster.moved_to(claim.sid) if self.cluster is not None else None
-            if peer is None and self.cluster is not None and claim.owner != self.node_number:
-                peer = self.cluster.peer_for(claim.owner)
-            if peer is None:
-                reply(b"the session ended", SESSION_ENDED)
-                return
-            # Its calls go to the owner from now on (set before the owner
-            # answers: calls pipelined behind this one follow it there).
-            self._drop_pristine(client)
-            client.session, client.owner = claim.sid, peer.number
-            request.session = claim.sid
-            self._enqueue(suite, request, client.peer, reply, peer.number)
-
-    def _pristine(self, client: Client) -> bool:
-        """The connection's own session holds no state yet (nothing was
-        checkpointed): a resume may replace it.  Clients such as pynvim send
-        a notification just before their first call, which may still be
-        running (it then ran for the session given up)."""
-        brief = self.sessions.brief(client.session) if not client.owner else None
-        return brief is not None and not brief[3] and not brief[4] & RESUMABLE     # (a token's session stays)
-
-    def _drop_pristine(self, client: Client) -> None:
-        if client.session is not None:
-            self.sessions.end(client.session, self.heap)
-            client.session = None
-
     def _open_session(self, client: Client, suite: str) -> None:
         try:
             client.session = self.sessions.open(SessionKind.DISTRIBUTED, suite=self.suite_index[suite]).id
         except SessionTableFull as e:
             client.session_error = str(e)    # each of its requests is answered with it
-
-    def take_session(self, handed: Handed) -> str | None:
-        """A peer hands this node one of its sessions (it drains): entry and
-        state are made here, this node its owner.  An HTTP session is marked
-        MOVED (its next answer signs the cookie anew); an RPC session, bound
-        to no worker yet, is restored from its checkpoint at its next call.
-        None when taken, else why not."""
-        if self.stopping:
-            return f"node {self.node_name} is draining"
-        if handed.suite >= len(self.config.suites):
-            return f"node {self.node_name} has no suite {handed.suite}"
-        try:
-            kind = SessionKind(handed.kind)
-        except ValueError:
-            return f"no session kind {handed.kind}"
-        name = state_closure(handed.sid) if handed.state else ""
-        try:
-            version = self.heap.put_encoded(name, handed.state) if handed.state else 0
-            self.sessions.end(handed.sid)           # (an older copy of it, if any)
-            self.sessions.insert(Session(handed.sid, kind, handed.suite, -1, 0, handed.created,
-                                         handed.last_access, handed.expires, name, version, 0,
-                                         owner_node=self.node_number,
-                                         flags=MOVED if kind == SessionKind.REQUEST else RESUMABLE))
-        except PyshmError as e:
-            if name and name in self.heap:
-                self.heap.delete(name)
-            return f"node {self.node_name} cannot take it: {e}"
-        return None
-
-    async def _hand_over(self, deadline: float) -> None:
-        """This node leaves its cluster: each of its HTTP sessions and
-        resumable RPC sessions goes to a live peer (entry and state), 64 at
-        once, while requests go on: a session's calls finish first, calls
-        that arrive while it moves wait, then follow it.  Peers first hear
-        that this node drains (they hand it nothing more); the table is
-        scanned again until nothing is left to move (a forwarded request
-        may have made a session meanwhile), all within `deadline`.  Then
-        every peer learns where each went."""
-        self.cluster.announce_draining()
-        moves: list[tuple[bytes, str]] = []
-        tried: set[bytes] = set()
-        started = time.monotonic()
-        while time.monotonic() < deadline:
-            sids = [sid for sid in self._movable() if sid not in tried]
-            if not sids:
-                break
-            if not self.cluster.choose(sids[0]):
-                log.warning("no live peer to take this node's %d sessions: they end with it", len(sids))
-                break
-            tried.update(sids)
-            window = asyncio.Semaphore(64)
-
-            async def move(sid: bytes) -> None:
-                async with window:
-                    node = await self._move(sid, deadline)
-                    if node is not None:
-                        moves.append((sid, node))
-
-            for failed in await asyncio.gather(*(move(sid) for sid in sids), return_exceptions=True):
-                if isinstance(failed, Exception):
-                    log.error("handing a session over failed: %r", failed)
-        self.cluster.announce_moved(moves)
-        log.info("handed %d of %d sessions to %d peers in %.2f s", len(moves), len(tried), len(self.cluster.alive()),
-                 time.monotonic() - started)
-
-    def _movable(self) -> list[bytes]:
-        """Sessions of this node that outlive a connection: HTTP sessions, and RPC sessions with a token."""
-        return [sid for sid in self.sessions.ids(limit=self.sessions.stats().capacity)
-                if (e := self.sessions.get(sid)) is not None
-                and (e.kind == SessionKind.REQUEST or e.flags & RESUMABLE)]
-
-    async def _move(self, sid: bytes, deadline: float) -> str | None:
-        """Hands one session to a peer; the node that took it, or None."""
-        self._moving.add(sid)
-        try:
-            while self._session_calls.get(sid):
-                if time.monotonic() >= deadline:    # a call still running: the session stays (and ends) here
-                    log.warning("session %s still runs a call at the graceful timeout: not handed over", sid.hex())
-                    return None
-                await asyncio.sleep(0.002)          # its calls running here finish first
-            entry = self.sessions.get(sid)
-            if entry is None:
-                return None                         # ended meanwhile
-            from pyshm.cluster.node import Handed
-
-            state = self.heap.export(entry.closure) if entry.closure and entry.closure in self.heap else None
-            handed = Handed(sid, int(entry.kind), entry.suite, entry.created, entry.last_access, entry.expires, state)
-            tried: set[str] = set()
-            while (peer := self.cluster.choose(sid, tried)) is not None:
-                retry, why = await self.cluster.hand_off(peer, handed)
-                if why is None or not retry:
-                    if why is not None:     # it may have taken it: never offered to a second node as well
-                        log.error("handing session %s to node %s: %s; counting it as moved there", sid.hex(),
-                                  peer.node, why)
-                    self.cluster.record_move(sid, peer.node)
-                    peer.sessions_taken += 1
-                    self.sessions.end(sid, self.heap)
-                    return peer.node
-                log.warning("handing session %s to node %s failed: %s", sid.hex(), peer.node, why)
-                tried.add(peer.node)
-            log.error("no peer took session %s: it ends with this node", sid.hex())
-            return None
-        finally:
-            self._moving.discard(sid)
-            parked = self._parked.pop(sid, None)
-            if parked:      # they follow the session, in their order, ahead of what came later
-                self.backlog[parked[0].suite].extendleft(reversed(parked))
-                self.pump()
 
     def _enqueue(self, suite: str, request: Request, peer: bytes, reply: Reply, owner: int = 0,
                  hops: int = 0) -> None:

@@ -58,6 +58,13 @@ def test_three_nodes_with_static_peers_list_each_other_alive(nodes):
     st = wait_for(measured, "round trips measured")
     assert st["name"] == "shop" and st["node"] == "a" and st["link"].endswith(f":{ns['a'].link}")
     assert all(0 < p["rtt_ms"] < 1000 and p["last_heartbeat"] < 5 for p in st["peers"])
+    # One link per pair, and it stays: nobody dials on once linked (both
+    # ends may dial at the start: at most two links opened per pair).
+    opened = {n: {p["node"]: p["links_opened"] for p in node.status()["cluster"]["peers"]} for n, node in ns.items()}
+    assert all(1 <= count <= 2 for peers in opened.values() for count in peers.values()), opened
+    time.sleep(2)
+    assert opened == {n: {p["node"]: p["links_opened"] for p in node.status()["cluster"]["peers"]}
+                      for n, node in ns.items()}
     secret = nodes.key.read_bytes().decode()
     for node in ns.values():             # the secret is in no status and no log line
         assert secret not in json.dumps(node.status()) and secret not in node.log()

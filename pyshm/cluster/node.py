@@ -26,7 +26,7 @@ import hashlib
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from pyshm.cluster import wire
@@ -97,6 +97,7 @@ class Peer:
     said_goodbye: bool = False              # it answered our LEAVING: it forwards nothing more to us
     in_flight: int = 0                      # forwarded to it, not yet answered
     sessions_taken: int = 0                 # sessions it took from this node
+    links_opened: int = 0                   # links that authenticated with it (a second at once: a duplicate)
 
     @property
     def alive(self) -> bool:
@@ -263,10 +264,13 @@ class ClusterNode:
 
     def link_opened(self, conn: LinkConnection) -> None:
         hello = conn.peer
-        if conn.dialed is not None:
-            target = self.targets.get(conn.dialed)
-            if target is not None:
-                target.node, target.failures = hello.node, 0
+        # The address this peer is dialed at, known now: dialing it stops while
+        # the peer is linked (an accepted link counts too: else both ends would
+        # dial on and on, and each new link would replace the one in use).
+        address = conn.dialed if conn.dialed is not None else (conn.peer_host, hello.link_port)
+        target = self.targets.get(address)
+        if target is not None:
+            target.node, target.failures = hello.node, 0
         peer = self.peers.get(hello.node)
         if peer is None:
             peer = Peer(hello.node, node_number(hello.node))
@@ -275,6 +279,7 @@ class ClusterNode:
                 conn.abort(f"node ids {hello.node!r} and {other.node!r} have the same number; rename one")
                 return
             self.peers[hello.node] = self.by_number[peer.number] = peer
+        peer.links_opened += 1
         was_dead = peer.link is None
         if peer.link is not None and peer.link is not conn:
             if self._keep_existing(peer.link, conn, hello.node):
@@ -653,6 +658,7 @@ class ClusterNode:
                 "last_heartbeat": round(now - p.last_heard, 3) if p.last_heard else None,
                 "rtt_ms": round(p.rtt * 1000, 3) if p.rtt is not None else None,
                 "epoch": p.epoch, "forwarded_in": p.forwarded_in, "forwarded_out": p.forwarded_out,
+                "links_opened": p.links_opened,
             } for p in sorted(self.peers.values(), key=lambda p: p.node)],
         }
 
