@@ -263,33 +263,40 @@ int pyshm_sessions_insert(pyshm_sessions_t *t, const pyshm_session_t *s) {
     return rc;
 }
 
-/* The field writers below change only their own fields of the entry (the
- * lock, then the slot bracketed by begin/end), so writers in different
- * processes never undo each other's changes. */
+/* The field writers below change only their own fields of the entry, so
+ * writers in different processes never undo each other's changes.  Each is
+ * bracketed by write_begin (the table's lock, then the slot's sequence
+ * made odd) and write_end (even again, then the lock released). */
 
-int pyshm_sessions_bind(pyshm_sessions_t *t, const uint8_t *id, int32_t worker, uint64_t worker_gen) {
-    int rc;
-    slot_t *sl = lock_slot(t, id, &rc);
-    if (!sl) return rc;
-    begin(sl);
-    fault(t, PYSHM_SFAULT_UPDATE);
-    sl->s.worker = worker;
-    sl->s.worker_gen = worker_gen;
+static slot_t *write_begin(pyshm_sessions_t *t, const uint8_t *id, int *rc) {
+    slot_t *sl = lock_slot(t, id, rc);
+    if (sl) begin(sl);
+    return sl;
+}
+
+static int write_end(pyshm_sessions_t *t, slot_t *sl) {
     end(sl);
     unlock(t);
     return PYSHM_OK;
 }
 
+int pyshm_sessions_bind(pyshm_sessions_t *t, const uint8_t *id, int32_t worker, uint64_t worker_gen) {
+    int rc;
+    slot_t *sl = write_begin(t, id, &rc);
+    if (!sl) return rc;
+    fault(t, PYSHM_SFAULT_UPDATE);
+    sl->s.worker = worker;
+    sl->s.worker_gen = worker_gen;
+    return write_end(t, sl);
+}
+
 int pyshm_sessions_touch(pyshm_sessions_t *t, const uint8_t *id, double now, double expires) {
     int rc;
-    slot_t *sl = lock_slot(t, id, &rc);
+    slot_t *sl = write_begin(t, id, &rc);
     if (!sl) return rc;
-    begin(sl);
     sl->s.last_access = now;
     sl->s.expires = expires;
-    end(sl);
-    unlock(t);
-    return PYSHM_OK;
+    return write_end(t, sl);
 }
 
 int pyshm_sessions_saved(pyshm_sessions_t *t, const uint8_t *id, const char *closure, uint64_t version,
@@ -297,9 +304,8 @@ int pyshm_sessions_saved(pyshm_sessions_t *t, const uint8_t *id, const char *clo
     size_t n = strlen(closure);
     if (n >= sizeof(((pyshm_session_t *)0)->closure)) return PYSHM_ERR_NAME;
     int rc;
-    slot_t *sl = lock_slot(t, id, &rc);
+    slot_t *sl = write_begin(t, id, &rc);
     if (!sl) return rc;
-    begin(sl);
     fault(t, PYSHM_SFAULT_UPDATE);
     memcpy(sl->s.closure, closure, n + 1);
     sl->s.closure_version = version;
@@ -307,36 +313,28 @@ int pyshm_sessions_saved(pyshm_sessions_t *t, const uint8_t *id, const char *clo
         sl->s.last_access = now;
         sl->s.expires = expires;
     }
-    end(sl);
-    unlock(t);
-    return PYSHM_OK;
+    return write_end(t, sl);
 }
 
 int pyshm_sessions_cluster(pyshm_sessions_t *t, const uint8_t *id, uint32_t owner_node, uint32_t secondary_node,
                            uint64_t repl_seq) {
     int rc;
-    slot_t *sl = lock_slot(t, id, &rc);
+    slot_t *sl = write_begin(t, id, &rc);
     if (!sl) return rc;
-    begin(sl);
     fault(t, PYSHM_SFAULT_UPDATE);
     sl->s.owner_node = owner_node;
     sl->s.secondary_node = secondary_node;
     sl->s.repl_seq = repl_seq;
-    end(sl);
-    unlock(t);
-    return PYSHM_OK;
+    return write_end(t, sl);
 }
 
 int pyshm_sessions_flags(pyshm_sessions_t *t, const uint8_t *id, uint32_t set, uint32_t clear) {
     int rc;
-    slot_t *sl = lock_slot(t, id, &rc);
+    slot_t *sl = write_begin(t, id, &rc);
     if (!sl) return rc;
-    begin(sl);
     fault(t, PYSHM_SFAULT_UPDATE);
     sl->s.flags = (sl->s.flags & ~clear) | set;
-    end(sl);
-    unlock(t);
-    return PYSHM_OK;
+    return write_end(t, sl);
 }
 
 int pyshm_sessions_remove(pyshm_sessions_t *t, const uint8_t *id) {

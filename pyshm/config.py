@@ -38,6 +38,7 @@ Every error names the key it is about (ConfigError).
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -313,10 +314,10 @@ def _secret(path: Any, env: Mapping[str, str]) -> bytes:
 
 def _is_ipv4(text: str) -> bool:
     try:
-        socket.inet_aton(text)
-    except OSError:
+        ipaddress.IPv4Address(text)
+    except ValueError:
         return False
-    return text.count(".") == 3
+    return True
 
 
 def from_dict(data: dict[str, Any], interfaces: Mapping[str, str] | None = None,

@@ -4,10 +4,13 @@ requests after a delay): the link's life cycle without worker processes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from pyshm.cluster.node import ClusterNode, _Target
 from pyshm.config import ClusterConfig
@@ -106,3 +109,67 @@ def test_heartbeats_measure_the_round_trip_and_a_stopped_peer_is_dead_at_once():
 
     rtt, took, state = asyncio.run(main())
     assert 0 < rtt < 1 and took < 1 and state == "dead"
+
+
+class _Conn:
+    """What link_message needs of a link: its peer's name, send, abort."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.link = SimpleNamespace(peer=SimpleNamespace(node="b"), max_frame=64 << 20)
+        self.sent: list = []
+        self.aborted = ""
+        self.congested = False
+
+    def send(self, msg: list) -> bool:
+        self.sent.append(msg)
+        return True
+
+    def abort(self, reason: str) -> None:
+        self.aborted = reason
+
+
+_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.binary(max_size=20)
+                       | st.text(max_size=10), lambda inner: st.lists(inner, max_size=4), max_leaves=12)
+
+
+class _AtOnce(Host):
+    """Answers a forwarded request at once (no event loop needed)."""
+
+    def run_forwarded(self, suite, request, client, hops, reply) -> None:
+        self.ran += 1
+        reply(b"ok", None)
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.fuzz
+@given(kind=st.integers(1, 11), fields=st.lists(_values, max_size=9))
+@example(kind=3, fields=[1, "main", b"x", b"/", None, float("inf"), "GET /", "c"])
+@example(kind=3, fields=[1, "main", b"x", b"/", b"s" * 16, 0, "GET /", "c"])     # well formed: answered
+@example(kind=5, fields=[1, b"s" * 16, 1, 0, 1e308, 0, 2**70, None])
+@example(kind=7, fields=[[[b"s" * 16, "c"], [b"short", "c"], "junk"]])
+def test_whatever_a_peer_sends_is_handled_or_cuts_its_link(kind: int, fields: list) -> None:
+    """A well-formed message is handled, anything else cuts the peer's
+    link: no exception, and no error logged (the stand-in manager never
+    fails, so an error would be a field read unchecked)."""
+    from pyshm.cluster.node import Peer
+
+    node = make("a", free_port(), host=_AtOnce())
+    conn = _Conn()
+    node.peers["b"] = Peer("b", 2, link=conn)
+    errors = _Errors()
+    logging.getLogger("pyshm.cluster.node").addHandler(errors)
+    try:
+        node.link_message(conn, [kind, *fields])
+    finally:
+        logging.getLogger("pyshm.cluster.node").removeHandler(errors)
+    assert not errors.records, [r.getMessage() for r in errors.records]

@@ -173,7 +173,7 @@ def test_a_session_with_a_token_is_resumed_on_a_new_connection(rpc):
     assert [s.call("Counter.incr") for _ in range(3)] == [1, 2, 3]
     token = s.call("pyshm.session_token")
     s.close()
-    time.sleep(0.2)
+    wait_for(lambda: status(srv.name)["connections"] == 0, "the manager saw the close")
     assert table_usage(srv.name)[0] == 1            # it outlives its connection
     again = RpcConn(port)
     assert again.call("pyshm.resume", token) is True

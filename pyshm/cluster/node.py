@@ -658,7 +658,7 @@ class ClusterNode:
                 "last_heartbeat": round(now - p.last_heard, 3) if p.last_heard else None,
                 "rtt_ms": round(p.rtt * 1000, 3) if p.rtt is not None else None,
                 "epoch": p.epoch, "forwarded_in": p.forwarded_in, "forwarded_out": p.forwarded_out,
-                "links_opened": p.links_opened,
+                "links_opened": p.links_opened, "sessions_taken": p.sessions_taken,
             } for p in sorted(self.peers.values(), key=lambda p: p.node)],
         }
 
